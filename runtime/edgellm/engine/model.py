@@ -1,0 +1,210 @@
+"""The Llama-family decoder (Llama 2/3, Mistral, Qwen2) with a static, slot-indexed KV cache.
+
+One short file in the gpt-fast manner. Linear layers are fused where they share an input
+(q|k|v as `wqkv`, gate|up as `w13`) so that a decode step launches fewer, larger kernels;
+which implementation a linear is (dense FP16 or INT4) is decided outside this file
+(see `linear.py`): the model only calls it.
+
+Shapes: the KV cache is [max_batch, n_kv_heads, max_seq_len, head_dim] per layer, and a
+forward pass works on `slots` (which cache row each batch row owns) and `positions`
+(where each token sits in its row), so prefill of one sequence and decode of several
+share one code path.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from edgellm.engine.config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (xf * self.weight.float()).to(x.dtype)
+
+
+def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
+    dim = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+    scaling = config.rope_scaling
+    if scaling is None:
+        return inv_freq.float()
+    kind = scaling["rope_type"]
+    if kind == "linear":
+        return (inv_freq / scaling["factor"]).float()
+    if kind == "llama3":
+        # Llama 3.1: keep high frequencies, divide low ones by `factor`, blend in between.
+        factor = scaling["factor"]
+        low_freq_factor = scaling.get("low_freq_factor", 1.0)
+        high_freq_factor = scaling.get("high_freq_factor", 4.0)
+        old_ctx = scaling.get("original_max_position_embeddings", 8192)
+        low_freq_wavelen = old_ctx / low_freq_factor
+        high_freq_wavelen = old_ctx / high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+        smooth = (old_ctx / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+        blended = (1 - smooth) * scaled / factor + smooth * scaled
+        is_medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+        return torch.where(is_medium, blended, scaled).float()
+    raise ValueError(f"rope scaling {kind!r} not handled")  # ModelConfig.from_hf refuses it first
+
+
+def rope_cos_sin(config: ModelConfig, max_seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    inv_freq = rope_inv_freq(config).double()
+    t = torch.arange(max_seq_len, dtype=torch.float64)
+    freqs = torch.outer(t, inv_freq)
+    emb = torch.cat([freqs, freqs], dim=-1)  # HF's rotate_half convention
+    return emb.cos().float(), emb.sin().float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [B, T, H, D]; cos/sin: [B, T, D] for each token's position."""
+    xf = x.float()
+    half = xf.shape[-1] // 2
+    rotated = torch.cat([-xf[..., half:], xf[..., :half]], dim=-1)
+    out = xf * cos[:, :, None, :] + rotated * sin[:, :, None, :]
+    return out.to(x.dtype)
+
+
+class KVCache(nn.Module):
+    def __init__(self, max_batch: int, n_kv_heads: int, max_seq_len: int, head_dim: int, dtype: torch.dtype, device):
+        super().__init__()
+        shape = (max_batch, n_kv_heads, max_seq_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def write(self, slots: torch.Tensor, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """k, v: [B, T, Hkv, D] for tokens at positions [B, T] of rows slots [B]."""
+        rows = slots[:, None].expand_as(positions)
+        self.k[rows, :, positions] = k.to(self.k.dtype)
+        self.v[rows, :, positions] = v.to(self.v.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, wqkv: nn.Module, wo: nn.Module):
+        super().__init__()
+        self.config = config
+        self.wqkv = wqkv
+        self.wo = wo
+        self.kv_cache: KVCache | None = None
+        # Set by the runner on CUDA: a kernel that reads only the live part of each row.
+        self.decode_kernel = None
+
+    def forward(self, x, cos, sin, slots, positions, seq_lens) -> torch.Tensor:
+        c = self.config
+        b, t, _ = x.shape
+        qkv = self.wqkv(x)
+        q, k, v = qkv.split([c.q_size, c.kv_size, c.kv_size], dim=-1)
+        q = apply_rope(q.view(b, t, c.num_heads, c.head_dim), cos, sin)
+        k = apply_rope(k.view(b, t, c.num_kv_heads, c.head_dim), cos, sin)
+        v = v.view(b, t, c.num_kv_heads, c.head_dim)
+        cache = self.kv_cache
+        cache.write(slots, positions, k, v)
+        scale = 1.0 / math.sqrt(c.head_dim)
+
+        if t == 1 and self.decode_kernel is not None:
+            out = self.decode_kernel(q[:, 0], cache.k, cache.v, slots, seq_lens, scale)
+            return self.wo(out.reshape(b, 1, c.q_size))
+
+        # Reference path (CPU, and prefill on GPU): attend over the row's cache up to the
+        # longest live length in the batch, masking each query to its own causal prefix.
+        span = int(seq_lens.max())
+        keys = cache.k[slots, :, :span].to(q.dtype)
+        values = cache.v[slots, :, :span].to(q.dtype)
+        key_pos = torch.arange(span, device=x.device)
+        mask = key_pos[None, None, None, :] <= positions[:, None, :, None]  # [B, 1, T, span]
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2), keys, values, attn_mask=mask, scale=scale,
+            enable_gqa=c.num_heads != c.num_kv_heads,
+        )
+        return self.wo(out.transpose(1, 2).reshape(b, t, c.q_size))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, config: ModelConfig, w13: nn.Module, w2: nn.Module):
+        super().__init__()
+        self.intermediate_size = config.intermediate_size
+        self.w13 = w13
+        self.w2 = w2
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.w13(x).split(self.intermediate_size, dim=-1)
+        return self.w2(F.silu(gate) * up)
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, config: ModelConfig, linears: dict[str, nn.Module]):
+        super().__init__()
+        self.attention_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.attention = Attention(config, linears["wqkv"], linears["wo"])
+        self.ffn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.feed_forward = FeedForward(config, linears["w13"], linears["w2"])
+
+    def forward(self, x, cos, sin, slots, positions, seq_lens) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), cos, sin, slots, positions, seq_lens)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    """linear_factory(name, in_features, out_features, bias) builds each projection."""
+
+    def __init__(self, config: ModelConfig, linear_factory, max_seq_len: int):
+        super().__init__()
+        self.config = config
+        c = config
+        self.tok_embeddings = nn.Embedding(c.vocab_size, c.hidden_size)
+        self.layers = nn.ModuleList()
+        for i in range(c.num_layers):
+            p = f"layers.{i}."
+            linears = {
+                "wqkv": linear_factory(p + "attention.wqkv", c.hidden_size, c.q_size + 2 * c.kv_size, c.attention_bias),
+                "wo": linear_factory(p + "attention.wo", c.q_size, c.hidden_size, False),
+                "w13": linear_factory(p + "feed_forward.w13", c.hidden_size, 2 * c.intermediate_size, False),
+                "w2": linear_factory(p + "feed_forward.w2", c.intermediate_size, c.hidden_size, False),
+            }
+            self.layers.append(TransformerBlock(c, linears))
+        self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.output = None if c.tie_word_embeddings else nn.Linear(c.hidden_size, c.vocab_size, bias=False)
+        self.max_seq_len = max_seq_len
+        self.rope_cos: torch.Tensor | None = None
+        self.rope_sin: torch.Tensor | None = None
+
+    def setup_caches(self, max_batch: int, dtype: torch.dtype, device) -> None:
+        """Preallocate the KV cache (max_batch x max_seq_len) and the rotary tables, once."""
+        c = self.config
+        cos, sin = rope_cos_sin(c, self.max_seq_len)
+        self.rope_cos, self.rope_sin = cos.to(device), sin.to(device)
+        for layer in self.layers:
+            layer.attention.kv_cache = KVCache(max_batch, c.num_kv_heads, self.max_seq_len, c.head_dim, dtype, device)
+
+    def lm_head_weight(self) -> torch.Tensor:
+        return self.tok_embeddings.weight if self.output is None else self.output.weight
+
+    def forward(
+        self,
+        tokens: torch.Tensor,  # [B, T]
+        positions: torch.Tensor,  # [B, T]
+        slots: torch.Tensor,  # [B]
+        seq_lens: torch.Tensor,  # [B]: live KV length of each row after this step
+        last_only: bool = True,
+    ) -> torch.Tensor:
+        x = self.tok_embeddings(tokens)
+        cos = self.rope_cos[positions]
+        sin = self.rope_sin[positions]
+        for layer in self.layers:
+            x = layer(x, cos, sin, slots, positions, seq_lens)
+        if last_only:
+            x = x[:, -1:]
+        x = self.norm(x)
+        return F.linear(x, self.lm_head_weight()).float()

@@ -1,0 +1,180 @@
+"""Engine: load a verified engine directory and run prefill / decode steps on its slots.
+
+This is the one interface the serving layer talks to (load, warm up, prefill, decode,
+free). A slot is one row of the static KV cache; the caller decides which sequence owns
+which slot and where each sequence stands (its position).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from edgellm.engine.config import ModelConfig
+from edgellm.engine.linear import Int4Linear, dense_linear
+from edgellm.engine.manifest import CPU_TARGET, Manifest, read_manifest, verify_files
+from edgellm.engine.model import Transformer
+from edgellm.errors import EngineFormatError, RequestError
+
+WEIGHTS_NAME = "model.safetensors"
+
+
+def device_sm(device: torch.device) -> str:
+    if device.type != "cuda":
+        return CPU_TARGET
+    major, minor = torch.cuda.get_device_capability(device)
+    return f"{major}.{minor}"
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise EngineFormatError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
+    if name.split(":")[0] not in ("cpu", "cuda"):
+        raise EngineFormatError(f"device {name!r} is not one of cpu, cuda, auto")
+    return torch.device(name)
+
+
+class Engine:
+    def __init__(self, engine_dir: Path, manifest: Manifest, model: Transformer, tokenizer, device: torch.device):
+        self.engine_dir = Path(engine_dir)
+        self.manifest = manifest
+        self.model = model
+        self.tokenizer = tokenizer
+        self.device = device
+        self.config: ModelConfig = model.config
+        self.max_batch = manifest.max_batch
+        self.max_seq_len = manifest.max_seq_len
+        self.load_seconds = 0.0
+        self.eos_ids = set(manifest.tokenizer.get("eos_ids") or self.config.eos_token_ids)
+
+    @property
+    def engine_id(self) -> str:
+        return self.manifest.engine_id
+
+    @classmethod
+    def load(
+        cls, engine_dir: Path, device: str = "auto", verify: bool = True, progress: Callable[[str], None] | None = None
+    ) -> "Engine":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        from edgellm.engine.tokenizer import Tokenizer
+
+        say = progress or (lambda _msg: None)
+        started = time.perf_counter()
+        engine_dir = Path(engine_dir)
+        manifest = read_manifest(engine_dir)
+        manifest.require_runtime()
+        dev = resolve_device(device)
+        manifest.require_target(device_sm(dev))
+        if verify:
+            say(f"verifying {len(manifest.files)} engine files")
+            verify_files(engine_dir, manifest)
+        config = ModelConfig.from_dict(manifest.model["config"])
+        quant = manifest.quantization
+        scheme = quant["scheme"]
+        compute_dtype = torch.float16 if dev.type == "cuda" else torch.float32
+
+        def linear_factory(name: str, in_features: int, out_features: int, bias: bool):
+            if scheme == "fp16":
+                return dense_linear(in_features, out_features, bias)
+            return Int4Linear(in_features, out_features, quant["group_size"], bias)
+
+        with torch.device("meta"):
+            model = Transformer(config, linear_factory, manifest.max_seq_len)
+        say(f"loading weights to {dev}")
+        try:
+            state = load_file(str(engine_dir / WEIGHTS_NAME), device=str(dev))
+        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+            raise EngineFormatError(f"{engine_dir / WEIGHTS_NAME} is not a readable safetensors file ({e}); rebuild the engine") from None
+        expected = set(model.state_dict().keys())
+        if set(state) != expected:
+            extra, missing = sorted(set(state) - expected), sorted(expected - set(state))
+            raise EngineFormatError(
+                f"{WEIGHTS_NAME} does not match the manifest's model: missing {missing[:3]}, unexpected {extra[:3]}; rebuild the engine"
+            )
+        model.load_state_dict(state, assign=True)
+        for param_name, param in list(model.named_parameters()):
+            module_name, _, attr = param_name.rpartition(".")
+            setattr(model.get_submodule(module_name), attr, torch.nn.Parameter(param.to(compute_dtype), requires_grad=False))
+        for module in model.modules():
+            if isinstance(module, Int4Linear):
+                module.prepare(compute_dtype)
+        kv_dtype = torch.float16 if dev.type == "cuda" else torch.float32
+        model.setup_caches(manifest.max_batch, kv_dtype, dev)
+        model.eval()
+        tokenizer = Tokenizer.from_dir(engine_dir)
+        engine = cls(engine_dir, manifest, model, tokenizer, dev)
+        engine.load_seconds = time.perf_counter() - started
+        return engine
+
+    # ---- requests -------------------------------------------------------------------
+    def check_request(self, prompt_ids: list[int], max_new_tokens: int) -> None:
+        """Refuse what cannot run, before any slot is taken."""
+        if not prompt_ids:
+            raise RequestError("the prompt is empty: send at least one token of text")
+        vocab = self.config.vocab_size
+        bad = next((t for t in prompt_ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise RequestError(f"token id {bad} is outside the vocabulary (0..{vocab - 1})")
+        if len(prompt_ids) >= self.max_seq_len:
+            raise RequestError(
+                f"the prompt is {len(prompt_ids)} tokens; this engine's max sequence length is {self.max_seq_len}, "
+                "which must also leave room for at least one new token"
+            )
+        if len(prompt_ids) + max_new_tokens > self.max_seq_len:
+            raise RequestError(
+                f"prompt ({len(prompt_ids)} tokens) + max new tokens ({max_new_tokens}) = "
+                f"{len(prompt_ids) + max_new_tokens} exceeds this engine's max sequence length {self.max_seq_len}; "
+                f"ask for at most {self.max_seq_len - len(prompt_ids)} new tokens"
+            )
+
+    # ---- steps ----------------------------------------------------------------------
+    @torch.inference_mode()
+    def prefill(self, slot: int, token_ids: list[int], start_pos: int = 0) -> torch.Tensor:
+        """Run token_ids into `slot` at positions start_pos.. ; returns the last token's logits [V]."""
+        n = len(token_ids)
+        dev = self.device
+        tokens = torch.tensor([token_ids], dtype=torch.long, device=dev)
+        positions = torch.arange(start_pos, start_pos + n, device=dev)[None]
+        slots = torch.tensor([slot], device=dev)
+        seq_lens = torch.tensor([start_pos + n], dtype=torch.int32, device=dev)
+        return self.model(tokens, positions, slots, seq_lens)[0, -1]
+
+    @torch.inference_mode()
+    def decode(self, slots: list[int], token_ids: list[int], positions: list[int]) -> torch.Tensor:
+        """One new token per slot, token_ids[i] sitting at positions[i]; returns logits [B, V]."""
+        dev = self.device
+        tokens = torch.tensor(token_ids, dtype=torch.long, device=dev)[:, None]
+        pos = torch.tensor(positions, dtype=torch.long, device=dev)[:, None]
+        slot_t = torch.tensor(slots, device=dev)
+        seq_lens = (pos[:, 0] + 1).to(torch.int32)
+        return self.model(tokens, pos, slot_t, seq_lens)[:, -1]
+
+    @torch.inference_mode()
+    def score(self, token_ids: list[int], slot: int = 0) -> torch.Tensor:
+        """Logits for every position of one sequence [T, V] (for evaluation, not serving)."""
+        dev = self.device
+        n = len(token_ids)
+        tokens = torch.tensor([token_ids], dtype=torch.long, device=dev)
+        positions = torch.arange(n, device=dev)[None]
+        seq_lens = torch.tensor([n], dtype=torch.int32, device=dev)
+        return self.model(tokens, positions, torch.tensor([slot], device=dev), seq_lens, last_only=False)[0]
+
+    def warm_up(self) -> None:
+        """Run each step shape once so the first request costs what later ones do."""
+        for b in range(1, self.max_batch + 1):
+            self.decode(list(range(b)), [0] * b, [0] * b)
+        self.prefill(0, [0] * min(8, self.max_seq_len - 1))
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def free(self) -> None:
+        self.model = None
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
