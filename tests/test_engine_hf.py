@@ -26,13 +26,15 @@ def build_fp16(kind: str, tmp_path: Path, tokenizer_dir: Path):
     return hf_model, engine_dir
 
 
-def hf_greedy(hf_model, prompt: list[int], n: int, eos: int = 2) -> list[int]:
-    ids = torch.tensor([prompt])
+def hf_greedy(hf_model, prompt: list[int], n: int) -> list[int]:
+    """Greedy decoding by plain full forward passes: no generation-config semantics involved."""
+    device = next(hf_model.parameters()).device
+    ids = list(prompt)
     with torch.no_grad():
-        out = hf_model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
-                                eos_token_id=eos, pad_token_id=0)
-    tokens = out[0, len(prompt):].tolist()
-    return tokens[: tokens.index(eos)] if eos in tokens else tokens
+        for _ in range(n):
+            logits = hf_model(torch.tensor([ids], device=device)).logits[0, -1]
+            ids.append(int(logits.argmax()))
+    return ids[len(prompt):]
 
 
 def check_against_hf(kind, tmp_path, tokenizer_dir, device, logits_tol):
@@ -48,8 +50,8 @@ def check_against_hf(kind, tmp_path, tokenizer_dir, device, logits_tol):
     assert torch.equal(ours[-1].argmax(), ref[-1].argmax())
 
     expected = hf_greedy(hf_model, PROMPT, NEW_TOKENS)
+    engine.eos_ids = set()  # random weights may pick EOS early: compare all 64 tokens
     result = generate(engine, [PROMPT], [SamplingParams(max_new_tokens=NEW_TOKENS)])[0]
-    assert len(expected) >= 8, "the reference stopped too early to be a meaningful comparison"
     assert result.token_ids == expected
     return engine
 
@@ -72,6 +74,7 @@ def test_batched_generation_matches_one_by_one(tmp_path, tokenizer_dir):
     engine = Engine.load(engine_dir, device="cpu")
     prompts = [PROMPT, PROMPT[:3], [1, 400, 401, 402, 403, 404, 405]]
     params = SamplingParams(max_new_tokens=20)
+    engine.eos_ids = set()
     together = generate(engine, prompts, [params] * 3)
     alone = [generate(engine, [p], [params])[0] for p in prompts]
     assert [r.token_ids for r in together] == [r.token_ids for r in alone]

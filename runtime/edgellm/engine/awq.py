@@ -131,7 +131,7 @@ def _quantize_awq(model: Transformer, calib_ids: torch.Tensor, group_size: int, 
             f"calibrating layer {i + 1}/{len(model.layers)}: scales "
             + " ".join(f"{k} α={v.alpha:.2f} (err {v.error / max(v.rtn_error, 1e-30):.2f}×RTN)" for k, v in scales.items())
             + ", clip "
-            + " ".join(f"{k} {_clipped_share(clip):.0%}" for k, clip in clips.items())
+            + " ".join(f"{_SHORT[k]} {_clipped_share(clip):.0%}" for k, clip in clips.items())
             + f" of groups shrunk [{time.perf_counter() - started:.1f}s]"
         )
     return out
@@ -313,6 +313,9 @@ def search_clips(block: TransformerBlock, inputs: dict[str, LinearInputs], group
             clip = search_clip(x, w, group_size)
         clips[name] = clip
     return clips
+
+
+_SHORT = {"attention.wqkv": "v", "attention.wo": "o", "feed_forward.w13": "w13", "feed_forward.w2": "w2"}
 
 
 def _clipped_share(clip: torch.Tensor) -> float:

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Generates the Python gRPC code for proto/edgellm/v1/*.proto into runtime/edgellm/v1/
+# (imported as edgellm.v1.<name>_pb2 / _pb2_grpc). The generated files are not committed:
+# run this after a checkout or after editing a .proto. Needs grpcio-tools (the `test` extra).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python=${PYTHON:-.venv/bin/python}
+out=runtime
+shopt -s nullglob
+protos=(proto/edgellm/v1/*.proto)
+((${#protos[@]})) || { echo "gen-proto: no .proto files under proto/edgellm/v1" >&2; exit 1; }
+# Old outputs of a .proto that was removed or renamed must not linger.
+rm -f runtime/edgellm/v1/*_pb2.py runtime/edgellm/v1/*_pb2.pyi runtime/edgellm/v1/*_pb2_grpc.py
+"$python" -m grpc_tools.protoc -I proto --python_out="$out" --pyi_out="$out" --grpc_python_out="$out" "${protos[@]}"
+echo "gen-proto: generated $(ls runtime/edgellm/v1/*_pb2*.py | wc -l) modules in runtime/edgellm/v1/ from ${#protos[@]} .proto files"
