@@ -145,6 +145,13 @@ def test_files_are_enough_for_an_engine_dir(kind, request, tmp_path):
     assert set(copy.eos_ids) <= set(original.eos_ids)
 
 
+def test_bare_tokenizer_json_takes_bos_from_its_post_processor(hf_dir, tmp_path):
+    shutil.copy(hf_dir / "tokenizer.json", tmp_path)
+    tok = Tokenizer.from_dir(tmp_path)
+    assert (tok.bos_id, tok.add_bos, tok.eos_ids, tok.chat_template) == (0, True, [], None)
+    assert tok.encode("Hello")[0] == 0
+
+
 def test_add_bos_from_config_wins(hf_dir, tmp_path):
     for name in ("tokenizer.json", "generation_config.json"):
         shutil.copy(hf_dir / name, tmp_path / name)
@@ -422,5 +429,14 @@ def test_template_errors(sp_tok, sp_dir, tmp_path):
 def test_template_is_sandboxed(sp_dir, tmp_path):
     shutil.copy(sp_dir / "tokenizer.model", tmp_path)
     (tmp_path / "chat_template.jinja").write_text("{{ messages.__class__.__mro__ }}")
-    with pytest.raises(ConfigError, match="failed to render"):
+    with pytest.raises(ConfigError, match="sandbox forbids"):
         Tokenizer.from_dir(tmp_path).render_chat(CHAT)
+
+
+def test_messages_the_template_cannot_render(sp_dir, tmp_path):
+    shutil.copy(sp_dir / "tokenizer.model", tmp_path)
+    (tmp_path / "chat_template.jinja").write_text("{% for m in messages %}{{ m['content'] + '!' }}{% endfor %}")
+    tok = Tokenizer.from_dir(tmp_path)
+    assert tok.render_chat([{"role": "user", "content": "hi"}]) == "hi!"
+    with pytest.raises(RequestError, match="could not render these messages"):
+        tok.render_chat([{"role": "user", "content": None}])

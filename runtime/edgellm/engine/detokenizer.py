@@ -16,8 +16,10 @@ from collections.abc import Sequence
 from edgellm.engine.tokenizer import Tokenizer
 
 _REPLACEMENT = "\ufffd"
-# A UTF-8 character spans at most 4 bytes, so valid text never needs more than 3 held tokens;
-# past this many the bytes are invalid for good and are shown as U+FFFD, keeping steps bounded.
+# A UTF-8 character spans at most 4 bytes, so valid text never needs more than 3 held tokens.
+# More means the model is producing invalid bytes: show them as U+FFFD rather than let the
+# window grow. (Exactness is promised for valid UTF-8 only: a lead byte buried in such
+# garbage and completed later may then come out as U+FFFD where decode() shows the char.)
 _MAX_HELD_TOKENS = 8
 
 

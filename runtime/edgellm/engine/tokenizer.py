@@ -11,6 +11,7 @@ and the daemon load this on boxes where only one tokenizer library may be instal
 
 from __future__ import annotations
 
+import importlib
 import json
 import re
 from pathlib import Path
@@ -40,7 +41,7 @@ class Tokenizer:
         files: list[str],
         bos_token: str | None,
         eos_token: str | None,
-        extra_tokens: dict[str, str],
+        extra_tokens: dict[str, str | None],
         bos_id: int | None,
         eos_ids: list[int],
         add_bos: bool,
@@ -55,8 +56,8 @@ class Tokenizer:
         self.chat_template = chat_template
         # Ids that decode(skip_special=True) drops: the stream decoder skips the same ones.
         self.special_ids: frozenset[int] = backend.special_ids
-        self._template_vars = {"bos_token": bos_token, "eos_token": eos_token, **extra_tokens}
-        self._template_vars = {k: v for k, v in self._template_vars.items() if v is not None}
+        named = {"bos_token": bos_token, "eos_token": eos_token, **extra_tokens}
+        self._template_vars = {k: v for k, v in named.items() if v is not None}
         self._compiled_template: Any = None
 
     @classmethod
@@ -104,12 +105,7 @@ class Tokenizer:
                 if i not in eos_ids:
                     eos_ids.append(i)
 
-        if "add_bos_token" in config:
-            add_bos = bool(config["add_bos_token"])
-        else:
-            add_bos = backend.adds_bos
-            if bos_id is None and backend.post_processor_bos is not None:
-                bos_id = backend.post_processor_bos
+        add_bos = bool(config["add_bos_token"]) if "add_bos_token" in config else backend.adds_bos
         add_bos = add_bos and bos_id is not None
 
         extra = {}
@@ -150,16 +146,22 @@ class Tokenizer:
         for m in messages:
             if not isinstance(m, dict) or not isinstance(m.get("role"), str):
                 raise RequestError(f"chat message {m!r} has no role: expected {{'role': ..., 'content': ...}}")
-        import jinja2
-
+        jinja2 = _import("jinja2", "a chat template")
         template = self._template()
         try:
             return template.render(messages=messages, add_generation_prompt=add_generation_prompt, **self._template_vars)
         except _TemplateRaised as e:
             # The template's own raise_exception(): the messages break its rules (roles order...).
             raise RequestError(f"the chat template rejected the messages: {e}") from None
-        except jinja2.TemplateError as e:
-            raise ConfigError(f"the chat template failed to render ({e}); fix the engine's chat template") from None
+        except jinja2.exceptions.SecurityError as e:
+            raise ConfigError(
+                f"the chat template tried an operation the sandbox forbids ({e}); fix or replace the engine's chat template"
+            ) from None
+        except Exception as e:  # a template is untrusted code: any failure is this request's failure
+            raise RequestError(
+                f"the chat template could not render these messages ({type(e).__name__}: {e}); "
+                "send messages with a role and string content"
+            ) from None
 
     def encode_chat(self, messages: list[dict]) -> list[int]:
         """Render with a generation prompt and encode; BOS is added only if the template did not emit it."""
@@ -227,23 +229,21 @@ def _jinja_env() -> Any:
 
 class _HFBackend:
     def __init__(self, file: Path):
-        from tokenizers import Tokenizer as HFTokenizer
-
+        HFTokenizer = _import("tokenizers", file).Tokenizer
         try:
             self._tok = HFTokenizer.from_file(str(file))
         except Exception as e:  # tokenizers raises plain Exception subclasses for bad files
             raise ConfigError(f"{file} could not be loaded by the tokenizers library ({e}); re-copy it from the checkpoint") from None
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
         self.special_ids = frozenset(i for i, t in self._tok.get_added_tokens_decoder().items() if t.special)
-        self.default_bos = None
-        self.default_eos = None
         # Whether the post-processor prepends a token (Llama 3's TemplateProcessing does,
-        # Qwen2's ByteLevel does not) decides the BOS default when the config is silent.
+        # Qwen2's ByteLevel does not) decides BOS when the config is silent.
         plain = self._tok.encode("a", add_special_tokens=False).ids
         full = self._tok.encode("a", add_special_tokens=True).ids
         prefix = full[: len(full) - len(plain)] if full[len(full) - len(plain) :] == plain else []
         self.adds_bos = bool(prefix)
-        self.post_processor_bos = prefix[0] if prefix else None
+        self.default_bos = self._tok.id_to_token(prefix[0]) if prefix else None
+        self.default_eos = None
 
     def token_to_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)
@@ -257,8 +257,7 @@ class _HFBackend:
 
 class _SentencePieceBackend:
     def __init__(self, file: Path, added: dict[int, tuple[str, bool]], legacy: bool):
-        import sentencepiece as spm
-
+        spm = _import("sentencepiece", file)
         try:
             self._proto = file.read_bytes()
             self._sp = spm.SentencePieceProcessor(model_proto=self._proto)
@@ -266,7 +265,7 @@ class _SentencePieceBackend:
             raise ConfigError(f"{file} is not a readable sentencepiece model ({e}); re-copy it from the checkpoint") from None
         self._legacy = legacy
         self._sp_no_prefix: Any = None
-        n = self._sp.get_piece_size()
+        n = self._pieces = self._sp.get_piece_size()
         # Added tokens beyond the sentencepiece vocabulary (e.g. chat markers a fine-tune introduced).
         self._extra = {i: content for i, (content, _) in added.items() if i >= n}
         special = {i for i in range(n) if self._sp.is_control(i) or self._sp.is_unknown(i)}
@@ -276,7 +275,6 @@ class _SentencePieceBackend:
         self.default_bos = self._piece(self._sp.bos_id())
         self.default_eos = self._piece(self._sp.eos_id())
         self.adds_bos = True  # Llama's sentencepiece tokenizers prepend BOS unless the config says otherwise
-        self.post_processor_bos = None
 
         # Strings split out of the text before sentencepiece sees it, as transformers' added tokens are:
         # control pieces (sentencepiece itself would spell "<s>" out byte by byte) and added tokens.
@@ -325,6 +323,8 @@ class _SentencePieceBackend:
                 run.clear()
 
         for i in ids:
+            if i >= self._pieces and i not in self._extra:
+                continue  # a gap between the sentencepiece vocabulary and the added tokens
             if i in self.special_ids or i in self._extra:
                 if skip_special and i in self.special_ids:
                     continue  # skipped like sentencepiece skips control pieces: the run goes on
@@ -337,8 +337,7 @@ class _SentencePieceBackend:
 
     def _no_prefix(self) -> Any:
         if self._sp_no_prefix is None:
-            import sentencepiece as spm
-
+            spm = _import("sentencepiece", "tokenizer.model")
             self._sp_no_prefix = spm.SentencePieceProcessor(model_proto=_without_dummy_prefix(self._proto))
         return self._sp_no_prefix
 
@@ -410,6 +409,15 @@ def _varint(value: int) -> bytes:
         out.append(b | (0x80 if value else 0))
         if not value:
             return bytes(out)
+
+
+def _import(module: str, needed_by: object) -> Any:
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise ConfigError(
+            f"{needed_by} needs the Python package {module!r}, which is not installed; install it (pip install {module})"
+        ) from None
 
 
 def _read_json(file: Path) -> dict[str, Any]:

@@ -37,6 +37,7 @@ SIGNATURE_NAME = "signature"
 ENGINE_DIR = "engine"
 _COPY_CHUNK = 1 << 20
 _SMALL_MEMBER_LIMIT = 16 << 20  # statement, signature and manifest are read into memory
+_TRAILER_LIMIT = 1 << 16  # tar pads to 10 KiB records; more than this after the end is not padding
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,6 +157,7 @@ class BundleReader:
             if name != f"{ENGINE_DIR}/{MANIFEST_NAME}" and name.partition("/")[0] != ENGINE_DIR and name not in (STATEMENT_NAME, SIGNATURE_NAME):
                 raise MalformedBundle(f"unexpected entry {name!r}: a bundle holds {STATEMENT_NAME}, {SIGNATURE_NAME} and {ENGINE_DIR}/*")
             members[name] = member
+        _check_trailer(tar, file_size)
         for required in (STATEMENT_NAME, f"{ENGINE_DIR}/{MANIFEST_NAME}"):
             if required not in members:
                 raise MalformedBundle(f"the bundle has no {required}; make bundles with `edgellm sign`")
@@ -222,6 +224,19 @@ class BundleReader:
                 os.fsync(out.fileno())
             if on_file:
                 on_file(rel)
+
+
+def _check_trailer(tar: tarfile.TarFile, file_size: int) -> None:
+    """tarfile stops quietly at a header cut short; a whole archive ends in zero blocks."""
+    end = tar.offset
+    rest = file_size - end
+    if rest < 2 * tarfile.BLOCKSIZE:
+        raise UploadTruncated("the bundle ends without the tar end-of-archive marker: it was truncated; re-send it")
+    if rest > _TRAILER_LIMIT:
+        raise MalformedBundle(f"the bundle has {rest} bytes after its last entry that are not part of the archive")
+    tar.fileobj.seek(end)
+    if tar.fileobj.read(rest).strip(b"\0"):
+        raise MalformedBundle("the bundle has data after its last entry that is not part of the archive")
 
 
 def _check_name(name: str) -> None:
