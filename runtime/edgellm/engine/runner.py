@@ -50,7 +50,14 @@ class Engine:
         self.max_batch = manifest.max_batch
         self.max_seq_len = manifest.max_seq_len
         self.load_seconds = 0.0
+        self.verify_seconds = 0.0
         self.eos_ids = set(manifest.tokenizer.get("eos_ids") or self.config.eos_token_ids)
+        self.warm = False
+        # CUDA-graph decode: one graph per batch size, all replaying from these static buffers.
+        self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self._graph_logits: dict[int, torch.Tensor] = {}
+        self._static_inputs: torch.Tensor | None = None  # int64 [3, max_batch]: tokens, positions, slots
+        self._host_inputs: torch.Tensor | None = None  # pinned mirror, so a step allocates nothing on the host
 
     @property
     def engine_id(self) -> str:
@@ -72,9 +79,11 @@ class Engine:
         manifest.require_runtime()
         dev = resolve_device(device)
         manifest.require_target(device_sm(dev))
+        verify_started = time.perf_counter()
         if verify:
             say(f"verifying {len(manifest.files)} engine files")
             verify_files(engine_dir, manifest)
+        verify_seconds = time.perf_counter() - verify_started
         config = ModelConfig.from_dict(manifest.model["config"])
         quant = manifest.quantization
         scheme = quant["scheme"]
@@ -108,9 +117,12 @@ class Engine:
         kv_dtype = torch.float16 if dev.type == "cuda" else torch.float32
         model.setup_caches(manifest.max_batch, kv_dtype, dev)
         model.eval()
+        if dev.type == "cuda":
+            _use_decode_attention_kernel(model)
         tokenizer = Tokenizer.from_dir(engine_dir)
         engine = cls(engine_dir, manifest, model, tokenizer, dev)
         engine.load_seconds = time.perf_counter() - started
+        engine.verify_seconds = verify_seconds
         return engine
 
     # ---- requests -------------------------------------------------------------------
@@ -148,7 +160,22 @@ class Engine:
 
     @torch.inference_mode()
     def decode(self, slots: list[int], token_ids: list[int], positions: list[int]) -> torch.Tensor:
-        """One new token per slot, token_ids[i] sitting at positions[i]; returns logits [B, V]."""
+        """One new token per slot, token_ids[i] sitting at positions[i]; returns logits [B, V].
+
+        With graphs captured (CUDA, after warm_up) the result is the graph's static output
+        buffer: read it before the next decode call.
+        """
+        b = len(slots)
+        graph = self._graphs.get(b)
+        if graph is not None:
+            host = self._host_inputs.numpy()
+            host[0, :b] = token_ids
+            host[1, :b] = positions
+            host[2, :b] = slots
+            # Safe to reuse the pinned buffer: the previous step's tokens were read back already.
+            self._static_inputs[:, :b].copy_(self._host_inputs[:, :b], non_blocking=True)
+            graph.replay()
+            return self._graph_logits[b]
         dev = self.device
         tokens = torch.tensor(token_ids, dtype=torch.long, device=dev)[:, None]
         pos = torch.tensor(positions, dtype=torch.long, device=dev)[:, None]
@@ -167,14 +194,58 @@ class Engine:
         return self.model(tokens, positions, torch.tensor([slot], device=dev), seq_lens, last_only=False)[0]
 
     def warm_up(self) -> None:
-        """Run each step shape once so the first request costs what later ones do."""
+        """Run each step shape once (and on CUDA capture the decode graphs for every batch
+        size 1..max_batch), so the first request costs what later ones do."""
         for b in range(1, self.max_batch + 1):
             self.decode(list(range(b)), [0] * b, [0] * b)
         self.prefill(0, [0] * min(8, self.max_seq_len - 1))
         if self.device.type == "cuda":
+            self._capture_decode_graphs()
             torch.cuda.synchronize(self.device)
+        self.warm = True
+
+    @torch.inference_mode()
+    def _capture_decode_graphs(self) -> None:
+        dev = self.device
+        n = self.max_batch
+        self._static_inputs = torch.zeros(3, n, dtype=torch.long, device=dev)
+        self._static_inputs[2] = torch.arange(n, device=dev)  # valid slots while capturing
+        self._host_inputs = torch.zeros(3, n, dtype=torch.long).pin_memory()
+        pool = torch.cuda.graph_pool_handle()
+        side = torch.cuda.Stream(dev)
+        for b in range(n, 0, -1):  # largest first, so smaller graphs reuse its pool memory
+            tokens = self._static_inputs[0, :b].view(b, 1)
+            positions = self._static_inputs[1, :b].view(b, 1)
+            slots = self._static_inputs[2, :b]
+
+            def step():
+                seq_lens = (positions[:, 0] + 1).to(torch.int32)
+                return self.model(tokens, positions, slots, seq_lens)[:, -1]
+
+            side.wait_stream(torch.cuda.current_stream(dev))
+            with torch.cuda.stream(side):
+                step()  # kernels compile and allocate outside the capture
+            torch.cuda.current_stream(dev).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                self._graph_logits[b] = step()
+            self._graphs[b] = graph
 
     def free(self) -> None:
+        self._graphs.clear()
+        self._graph_logits.clear()
         self.model = None
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
+
+
+def _use_decode_attention_kernel(model: Transformer) -> None:
+    """On CUDA, decode attention reads only each row's live KV instead of the whole cache."""
+    from edgellm.engine import kernels
+
+    if not kernels.available():
+        return
+    from edgellm.engine.kernels.decode_attention import decode_attention
+
+    for layer in model.layers:
+        layer.attention.decode_kernel = decode_attention

@@ -81,5 +81,7 @@ class Sampler:
 
 def sample_batch(logits: torch.Tensor, samplers: list[Sampler]) -> list[int]:
     """One token per row; a single device-to-host copy for the whole batch."""
+    if all(s.greedy and s.seen is None for s in samplers):
+        return logits.argmax(dim=-1).tolist()
     tokens = torch.stack([s.next_token(logits[i]) for i, s in enumerate(samplers)])
     return tokens.tolist()

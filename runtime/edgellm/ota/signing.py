@@ -175,15 +175,20 @@ class Statement:
 
 
 def make_statement(
-    engine_id: str, version: int, manifest_bytes: bytes, private_key: Ed25519PrivateKey, expires: dt.datetime | None = None
+    engine_id: str,
+    version: int,
+    manifest_bytes: bytes,
+    private_key: Ed25519PrivateKey | None,
+    expires: dt.datetime | None = None,
 ) -> Statement:
+    """private_key None: the statement of an unsigned (development) bundle, with no key id."""
     if version < 1:
         raise ConfigError(f"--version must be a positive integer (it only ever grows), got {version}")
     return Statement(
         engine_id=engine_id,
         version=version,
         manifest_sha256=hashlib.sha256(manifest_bytes).hexdigest(),
-        key_id=key_id(private_key.public_key()),
+        key_id=key_id(private_key.public_key()) if private_key else "",
         signed_at=format_time(utc_now()),
         expires=format_time(expires) if expires else None,
     )

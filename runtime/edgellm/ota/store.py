@@ -25,10 +25,9 @@ import shutil
 import uuid
 from pathlib import Path
 
-from edgellm.engine.manifest import MANIFEST_NAME
 from edgellm.errors import ConfigError
 from edgellm.ota import hooks
-from edgellm.ota.errors import NoPrevious, UnknownVersion
+from edgellm.ota.errors import NoPrevious, UnknownVersion, VersionNotNewer
 
 DEFAULT_STORE_DIR = Path("/var/lib/edgellm/engines")
 DEFAULT_KEEP = 3
@@ -186,7 +185,7 @@ class EngineStore:
         target = self.version_dir(version)
         if target.exists():
             if version in (self.current_version(), self.previous_version()):
-                raise UnknownVersion(f"version {version} is already installed as {self.describe(version).state}")
+                raise VersionNotNewer(f"version {version} is already installed as the {self.describe(version).state} version")
             # An inactive copy from an earlier push: the verified new one replaces it.
             self.remove(version)
         for path in sorted(prepared.rglob("*"), reverse=True):
@@ -259,10 +258,6 @@ class EngineStore:
     def _clear_pointer(self, name: str) -> None:
         (self.root / name).unlink(missing_ok=True)
         _fsync_dir(self.root)
-
-
-def is_engine_dir(path: Path) -> bool:
-    return (Path(path) / MANIFEST_NAME).is_file()
 
 
 def _raw_pointer(path: Path) -> str | None:
