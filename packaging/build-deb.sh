@@ -74,13 +74,30 @@ cp -r "$repo/runtime" "$repo/setup.cfg" "$repo/pyproject.toml" "$work/src/"
 [[ -f $repo/README.md ]] && cp "$repo/README.md" "$work/src/" || touch "$work/src/README.md"
 find "$work/src" \( -name __pycache__ -o -name '*.egg-info' \) -prune -exec rm -rf {} +
 
+# The protobuf modules (edgellm/v1/*_pb2.py) are generated, not committed: generate them into
+# the copy the same way scripts/gen-proto.sh does, so the package never ships stale ones.
+shopt -s nullglob
+protos=("$repo"/proto/edgellm/v1/*.proto)
+if ((${#protos[@]})); then
+    if "$python" -c 'import grpc_tools' 2>/dev/null; then
+        rm -f "$work/src/runtime/edgellm/v1/"*_pb2.py "$work/src/runtime/edgellm/v1/"*_pb2.pyi
+        "$python" -m grpc_tools.protoc -I "$repo/proto" --python_out="$work/src/runtime" \
+            --pyi_out="$work/src/runtime" "${protos[@]}"
+    elif [[ ! -f $work/src/runtime/edgellm/v1/generator_pb2.py ]]; then
+        echo "build-deb: grpcio-tools is missing and runtime/edgellm/v1 has no generated code;" \
+             "install the test extra (scripts/setup-env.sh) or run scripts/gen-proto.sh" >&2
+        exit 1
+    fi
+fi
+shopt -u nullglob
+
 echo "build-deb: building the edgellm $version wheel"
 "${pip[@]}" wheel -q --no-deps --no-build-isolation --no-index -w "$work/wheels" "$work/src"
 wheel=$(ls "$work/wheels"/edgellm-*.whl)
 
 # The dependencies, as ranges, straight from the wheel's metadata (setup.cfg is the one source).
 # torch is left out on purpose: a multi-GB wheel that JetPack or the system provides.
-"$python" - "$wheel" >"$work/requirements.txt" <<'EOF'
+"$python" - "$wheel" >"$work/requires.txt" <<'EOF'
 import sys, zipfile
 with zipfile.ZipFile(sys.argv[1]) as z:
     meta = next(n for n in z.namelist() if n.endswith(".dist-info/METADATA"))
@@ -102,7 +119,20 @@ if [[ $mode == full ]]; then
     extra=()
     [[ -n $find_links ]] && extra+=(--no-index --find-links "$find_links")
     [[ -n $constraint ]] && extra+=(-c "$constraint")
-    "${pip[@]}" wheel -q -w "$work/wheels" -r "$work/requirements.txt" "${extra[@]}"
+    "${pip[@]}" wheel -q -w "$work/wheels" -r "$work/requires.txt" "${extra[@]}"
+    # postinst installs exactly these versions (the ones tested together), except numpy: torch
+    # from JetPack is compiled against the system's numpy, so a system numpy that satisfies the
+    # range must win over the bundled one (pip keeps an installed distribution that satisfies).
+    for whl in "$work/wheels"/*.whl; do
+        IFS=- read -r name ver _ <<<"$(basename "$whl")"
+        case $name in
+            edgellm) ;;
+            numpy) grep -i '^numpy' "$work/requires.txt" ;;
+            *) echo "$name==$ver" ;;
+        esac
+    done >"$work/requirements.txt"
+else
+    cp "$work/requires.txt" "$work/requirements.txt"
 fi
 
 # ---- the package tree -----------------------------------------------------------------------

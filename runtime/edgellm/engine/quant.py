@@ -73,12 +73,8 @@ def group_min_max(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch
     return wg.amin(dim=-1), wg.amax(dim=-1)
 
 
-def quantize(w: torch.Tensor, group_size: int, clip: torch.Tensor | None = None) -> QuantizedWeight:
-    """Round-to-nearest asymmetric INT4 of w [N, K] per group.
-
-    clip, if given, is a per-group ratio in (0, 1] [N, K // G] that shrinks the group's
-    range before rounding (AWQ's clipping search chooses it; plain RTN uses 1).
-    """
+def _quantize_groups(w: torch.Tensor, group_size: int, clip: torch.Tensor | None):
+    """Integer codes q [N, K/G, G], fp16-representable scale and zero [N, K/G] (float32)."""
     n, k = w.shape
     check_group_size(k, group_size)
     wg = w.float().reshape(n, k // group_size, group_size)
@@ -91,9 +87,20 @@ def quantize(w: torch.Tensor, group_size: int, clip: torch.Tensor | None = None)
     scale = ((w_max - w_min) / 15.0).clamp(min=1e-8)
     scale = scale.half().float()  # the kernels see fp16 scales: round with those
     zero = torch.round(-w_min / scale).clamp(0, 15)
-    q = torch.clamp(torch.round(wg / scale[..., None]) + zero[..., None], 0, 15).to(torch.uint8)
+    q = torch.clamp(torch.round(wg / scale[..., None]) + zero[..., None], 0, 15)
+    return q, scale, zero
+
+
+def quantize(w: torch.Tensor, group_size: int, clip: torch.Tensor | None = None) -> QuantizedWeight:
+    """Round-to-nearest asymmetric INT4 of w [N, K] per group.
+
+    clip, if given, is a per-group ratio in (0, 1] [N, K // G] that shrinks the group's
+    range before rounding (AWQ's clipping search chooses it; plain RTN uses 1).
+    """
+    n, k = w.shape
+    q, scale, zero = _quantize_groups(w, group_size, clip)
     return QuantizedWeight(
-        qweight=pack_int4(q.reshape(n, k)),
+        qweight=pack_int4(q.to(torch.uint8).reshape(n, k)),
         scales=scale.half(),
         zeros=zero.half(),
         group_size=group_size,
@@ -101,15 +108,16 @@ def quantize(w: torch.Tensor, group_size: int, clip: torch.Tensor | None = None)
 
 
 def fake_quantize(w: torch.Tensor, group_size: int, clip: torch.Tensor | None = None) -> torch.Tensor:
-    """quantize() then dequantize(), in w's dtype: what the engine will actually multiply by."""
-    return quantize(w, group_size, clip).dequantize(torch.float32).to(w.dtype)
+    """What the engine will actually multiply by, in w's dtype (no packing round trip)."""
+    q, scale, zero = _quantize_groups(w, group_size, clip)
+    return ((q - zero[..., None]) * scale[..., None]).reshape(w.shape).to(w.dtype)
 
 
 def pack_int4(q: torch.Tensor) -> torch.Tensor:
     n, k = q.shape
     assert k % 8 == 0, "in-features must be a multiple of 8 to pack INT4"
     q32 = q.to(torch.int32).reshape(n, k // 8, 8)
-    packed = torch.zeros(n, k // 8, dtype=torch.int32)
+    packed = torch.zeros(n, k // 8, dtype=torch.int32, device=q.device)
     for i in range(8):
         packed |= q32[..., i] << (4 * i)
     return packed

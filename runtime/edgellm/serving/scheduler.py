@@ -216,6 +216,8 @@ class Scheduler:
         self.debug_stall_file = debug_stall_file
         self.stalled = False
         self.iterations = 0
+        self.requests_accepted = 0
+        self.tokens_generated = 0
 
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
@@ -387,6 +389,7 @@ class Scheduler:
                         f"the request queue is full ({self.queue_depth} waiting, every slot busy); retry later",
                     )
                 self._queue.append(request)
+                self.requests_accepted += 1
                 self._wake.notify_all()
             return request
         except Rejected as e:
@@ -595,6 +598,7 @@ class Scheduler:
             self.metrics.inter_token(now - request.last_token_at)
         request.last_token_at = now
         if new_ids:
+            self.tokens_generated += len(new_ids)
             self.metrics.tokens_generated(len(new_ids))
         if seq.finish_reason is None:
             if not request.finished:

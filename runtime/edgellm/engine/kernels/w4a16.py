@@ -2,26 +2,36 @@
 
     out[m, n] = sum_k x[m, k] * (q[n, k] - zero[n, k // G]) * scale[n, k // G]  (+ bias[n])
 
-One Triton kernel serves decode and prefill. Each program owns BLOCK_N output features and
-a slice of K (split-K), dequantizes its weight tile in registers and feeds it to the
-tensor cores as the A operand of out^T = W @ x^T, so a decode step with M = 1..16 costs
-one pass over the packed weights. Decode is bound by memory bandwidth, and at 3 TB/s the
-chip has only ~5 instructions per weight to spare, so the dequantization is done in PTX
-two words at a time with f16x2 arithmetic (2 instructions per weight instead of ~5 with
-integer-to-float conversions, which also run at a quarter rate).
+Decode is bound by memory bandwidth: at ~3 TB/s an H100 streams ~6e12 INT4 weights a
+second, which leaves each SM about 5 instructions per weight for everything. Both decode
+kernels therefore dequantize in PTX with the fp16 "magic number" trick (0x6400 | q is the
+fp16 1024 + q, so one LOP3 turns two nibbles into two fp16 values; integer-to-float
+conversions would cost more and run at a quarter rate):
 
-Split-K partial sums meet in an fp32 workspace; the last program of each output tile
-(an atomic ticket) writes the fp16 result and zeroes the workspace and its ticket again,
-so one launch does the whole linear and the call is CUDA-graph capturable. The workspace
-is per device and shared: calls must not overlap on two streams at once.
+* `gemv` (CUDA cores, M <= 4): per packed word, the 8 weights are dequantized and
+  multiplied by x in f16x2 arithmetic, the 8 products summed in fp16 (as ExLlama does) and
+  the word's sum added to an fp32 accumulator. No data leaves the registers.
+* `mma` (tensor cores, any M): the weight tile is the A operand of out^T = W @ x^T, so M up
+  to 16 rides in one mma N-slot. Nibbles t and t + 4 of a word share a register after the
+  LOP3, so the tile's K axis is laid out in that order and x's K axis is permuted to match
+  (a dot product does not care about the order of its terms); that saves repacking.
 
-Configurations are a fixed table (measured offline with bench/kernels.py on an H100; see
+Both split K over programs when N alone gives too few tiles. Split-K partial sums meet in a
+per-device fp32 workspace; the last program of each output tile (an atomic ticket) writes
+the fp16 result and zeroes the workspace and its ticket again, so one launch does the whole
+linear, nothing is allocated per call but the output, and the call is CUDA-graph
+capturable. Calls sharing a device must therefore not overlap on two streams.
+
+Prefill (large M) may instead dequantize to fp16 and call cuBLAS (`dense`).
+
+Configurations come from a fixed table measured offline with bench/kernels.py (see
 docs/dev/kernels-notes.md): nothing is tuned at start-up.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import torch
 
@@ -35,54 +45,56 @@ except ImportError:  # CI and CPU-only hosts: the module imports, the kernels do
 
 @dataclasses.dataclass(frozen=True)
 class W4A16Config:
-    block_m: int
-    block_n: int
-    block_k: int
-    split_k: int
+    kind: str  # "gemv" | "mma" | "dense"
+    block_m: int = 16
+    block_n: int = 64
+    block_k: int = 128
+    split_k: int = 1
     num_warps: int = 4
-    num_stages: int = 2
+    num_stages: int = 3
 
 
-def _m_block(m: int) -> int:
-    return 16 if m <= 16 else 32 if m <= 32 else 64
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _split_for(n_tiles: int, iters: int, num_sms: int, min_iters: int = 2, waves: int = 4) -> int:
+    """Split K until there are ~`waves` programs per SM, keeping >= min_iters K tiles each."""
+    split = 1
+    while n_tiles * split < waves * num_sms and iters // (split * 2) >= min_iters:
+        split *= 2
+    return split
 
 
 def pick_config(m: int, n: int, k: int, group_size: int, num_sms: int = 132) -> W4A16Config:
-    """The fixed configuration table.
-
-    Decode (M <= 16): enough programs to keep every SM busy with several weight tiles in
-    flight, splitting K when N alone gives too few tiles. Prefill: large tiles, no split.
-    """
-    block_m = _m_block(m)
-    if m > 16:
-        block_n = 128 if m > 32 else 64
-        return W4A16Config(block_m, block_n, 64, 1, num_warps=4, num_stages=3)
-    block_n = 64
-    block_k = 128 if k % 256 else 256
-    tiles = triton_cdiv(n, block_n)
-    iters = triton_cdiv(k, block_k)
-    split = 1
-    # Aim at >= 4 programs per SM, but keep >= 2 K iterations per program.
-    while tiles * split < 4 * num_sms and iters // (split * 2) >= 2:
-        split *= 2
-    return W4A16Config(block_m, block_n, block_k, split, num_warps=4, num_stages=3)
-
-
-def triton_cdiv(a: int, b: int) -> int:
-    return -(-a // b)
+    """The fixed configuration table (see docs/dev/kernels-notes.md for the measurements)."""
+    if m <= 2:
+        block_n, block_k = 64, 128
+        return W4A16Config("gemv", block_m=1 if m == 1 else 2, block_n=block_n, block_k=block_k,
+                           split_k=_split_for(cdiv(n, block_n), cdiv(k, block_k), num_sms), num_warps=4, num_stages=1)
+    if m <= 16:
+        block_n, block_k = 128, 128
+        return W4A16Config("mma", block_m=16, block_n=block_n, block_k=block_k,
+                           split_k=_split_for(cdiv(n, block_n), cdiv(k, block_k), num_sms), num_warps=4, num_stages=3)
+    block_m = 32 if m <= 32 else 64
+    return W4A16Config("mma", block_m=block_m, block_n=128, block_k=64, split_k=1, num_warps=4, num_stages=3)
 
 
 _workspaces: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
 def _workspace(device: torch.device, n_acc: int, n_tickets: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Zeroed split-K scratch, kept zero by the kernel itself after every call."""
+    """Zeroed split-K scratch, kept zero by the kernels themselves after every call."""
     acc, tickets = _workspaces.get(device, (None, None))
     if acc is None or acc.numel() < n_acc or tickets.numel() < n_tickets:
-        # Grow to a size that serves the largest decode shapes at once, so growth (a fresh
-        # zeroed allocation) happens during warm-up, not inside a captured graph.
-        n_acc = max(n_acc, 16 * 65536, 0 if acc is None else acc.numel())
-        n_tickets = max(n_tickets, 8192, 0 if tickets is None else tickets.numel())
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(
+                "w4a16_linear needs a larger split-K workspace while a CUDA graph is being captured; "
+                "run the same shapes once eagerly (warm-up) before capturing"
+            )
+        # Generous first size, so that warm-up of the smallest shape already serves the rest.
+        n_acc = max(n_acc, 8 * 65536, 0 if acc is None else acc.numel())
+        n_tickets = max(n_tickets, 16384, 0 if tickets is None else tickets.numel())
         acc = torch.zeros(n_acc, dtype=torch.float32, device=device)
         tickets = torch.zeros(n_tickets, dtype=torch.int32, device=device)
         _workspaces[device] = (acc, tickets)
@@ -98,10 +110,11 @@ def _check(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: 
         raise ValueError(f"x has {x.shape[1]} in-features, the weight has {k}")
     if qweight.dtype != torch.int32 or scales.dtype != torch.float16 or zeros.dtype != torch.float16:
         raise ValueError("qweight must be int32 and scales/zeros fp16 (the int4-rowpacked-v1 layout)")
-    if group_size % 8 or k % group_size or scales.shape != (n, k // group_size) or zeros.shape != scales.shape:
+    if group_size <= 0 or group_size % 8 or k % group_size or tuple(scales.shape) != (n, k // group_size) \
+            or zeros.shape != scales.shape:
         raise ValueError(
-            f"scales/zeros must be [N, K // group_size] = [{n}, {k // max(group_size, 1)}] with group_size a "
-            f"multiple of 8 dividing K={k}; got group_size={group_size}, scales {tuple(scales.shape)}"
+            f"scales/zeros must be [N, K // group_size] with group_size a multiple of 8 dividing K={k}; "
+            f"got group_size={group_size}, scales {tuple(scales.shape)}, zeros {tuple(zeros.shape)}"
         )
     return n, k
 
@@ -115,54 +128,65 @@ def w4a16_linear(
     bias: torch.Tensor | None = None,
     config: W4A16Config | None = None,
 ) -> torch.Tensor:
-    """x [M, K] fp16 @ dequant(qweight)^T -> [M, N] fp16 (fp32 accumulation)."""
+    """x [M, K] fp16 @ dequant(qweight)^T (+ bias) -> [M, N] fp16, accumulated in fp32."""
     if triton is None:
-        raise RuntimeError("the W4A16 kernel needs Triton; use the dequantized weights on this host")
+        raise RuntimeError("the W4A16 kernels need Triton; on this host use the dequantized weights")
     n, k = _check(x, qweight, scales, zeros, group_size)
     m = x.shape[0]
-    if x.stride(1) != 1:
+    # The gemv kernel reads x as int32 pairs: rows must start on even elements.
+    if x.stride(1) != 1 or x.stride(0) % 2 or x.data_ptr() % 16:
         x = x.contiguous()
     qweight, scales, zeros = qweight.contiguous(), scales.contiguous(), zeros.contiguous()
+    if bias is not None:
+        bias = bias.contiguous()
+    cfg = config or pick_config(m, n, k, group_size, _num_sms(x.device))
+    if cfg.kind == "dense":
+        w = dequantize_fp16(qweight, scales, zeros, group_size)
+        return torch.nn.functional.linear(x, w, bias)
     out = torch.empty(m, n, dtype=torch.float16, device=x.device)
     if m == 0:
         return out
-    cfg = config or pick_config(m, n, k, group_size, _num_sms(x.device))
-    n_tiles = triton_cdiv(n, cfg.block_n)
-    m_tiles = triton_cdiv(m, cfg.block_m)
-    iters = triton_cdiv(k, cfg.block_k)
+    if cfg.kind == "gemv" and m > cfg.block_m:
+        raise ValueError(f"the gemv kernel was configured for M <= {cfg.block_m}, got M={m}")
+    n_tiles = cdiv(n, cfg.block_n)
+    m_tiles = cdiv(m, cfg.block_m)
+    iters = cdiv(k, cfg.block_k)
     split = max(1, min(cfg.split_k, iters))
-    per_split = triton_cdiv(iters, split)
-    split = triton_cdiv(iters, per_split)  # no program without K iterations
+    while iters % split:  # equal K slices: the kernel's loop has no ragged end
+        split -= 1
+    per_split = iters // split
     if split > 1:
         ws, tickets = _workspace(x.device, m * n, n_tiles * m_tiles)
     else:
-        ws, tickets = out, out  # unused
+        ws, tickets = out, out  # not read
     grid = (n_tiles * split, m_tiles)
-    _w4a16_kernel[grid](
-        x, qweight, scales, zeros, bias if bias is not None else out, out, ws, tickets,
-        # K // 8 and K // G travel as arguments so that Triton sees their divisibility by
-        # 16 and loads 16 bytes per thread.
-        m, n, k, k // 8, k // group_size, per_split, x.stride(0), out.stride(0),
-        G=group_size, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT_K=split,
-        HAS_BIAS=bias is not None, EVEN_NK=n % cfg.block_n == 0 and k % cfg.block_k == 0,
-        EVEN_K=k % cfg.block_k == 0,
-        USE_ASM=_use_asm(),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
+    # K // 8 and K // G travel as arguments so that Triton sees their divisibility by 16
+    # (it specializes integer arguments) and loads 16 bytes per thread.
+    args = (x, qweight, scales, zeros, bias if bias is not None else out, out, ws, tickets,
+            m, n, k, k // 8, k // group_size, per_split, x.stride(0), out.stride(0))
+    common = dict(G=group_size, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT_K=split,
+                  HAS_BIAS=bias is not None, EVEN_NK=n % cfg.block_n == 0 and k % cfg.block_k == 0,
+                  USE_ASM=_use_asm(), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    if cfg.kind == "gemv":
+        _gemv_kernel[grid](*args, BLOCK_M=cfg.block_m, EVEN_M=m == cfg.block_m, ASM=_GEMV_ASM[cfg.block_m], **common)
+    elif cfg.kind == "mma":
+        _mma_kernel[grid](*args, BLOCK_M=cfg.block_m, **common)
+    else:
+        raise ValueError(f"unknown W4A16 kernel kind {cfg.kind!r}")
     return out
 
 
 def dequantize_fp16(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int) -> torch.Tensor:
-    """The fp16 weight [N, K] (for prefill through cuBLAS, and for checks)."""
+    """The fp16 weight [N, K] (prefill through cuBLAS; also a check of the unpacking)."""
     if triton is None:
         raise RuntimeError("the dequantization kernel needs Triton")
     n, kw = qweight.shape
     k = kw * 8
     out = torch.empty(n, k, dtype=torch.float16, device=qweight.device)
     block_n, block_k = 32, 256
-    grid = (triton_cdiv(n, block_n), triton_cdiv(k, block_k))
+    grid = (cdiv(n, block_n), cdiv(k, block_k))
     _dequant_kernel[grid](
-        qweight.contiguous(), scales.contiguous(), zeros.contiguous(), out, n, k,
+        qweight.contiguous(), scales.contiguous(), zeros.contiguous(), out, n, k, k // 8, k // group_size,
         G=group_size, BLOCK_N=block_n, BLOCK_K=block_k, USE_ASM=_use_asm(), num_warps=4,
     )
     return out
@@ -180,86 +204,156 @@ def _num_sms(device: torch.device) -> int:
 def _use_asm() -> bool:
     # Triton's interpreter (TRITON_INTERPRET=1, used to check the kernels on a CPU) runs
     # no PTX; the plain-Triton dequantization computes the same values.
-    import os
-
     return os.environ.get("TRITON_INTERPRET", "0") in ("", "0")
+
+
+def _gemv_asm(rows: int) -> str:
+    """PTX for one packed word and `rows` rows of x: fp32 sum_i w[i] * x[r, i] per row.
+
+    Operands: $0..$rows-1 the fp32 results; then the word, 1024 + zero and scale (fp16),
+    then for each row four registers holding x[8j .. 8j+7] as fp16 pairs.
+    """
+    w, zc, sc = f"${rows}", f"${rows + 1}", f"${rows + 2}"
+    lines = [
+        "{",
+        ".reg .b32 mg, zz, ss, t, d0, d1, d2, d3, xa0, xa1, xa2, xa3, acc;",
+        ".reg .f16 lo, hi;",
+        "mov.b32 mg, 0x64006400;",
+        f"mov.b32 zz, {{{zc}, {zc}}};",
+        f"mov.b32 ss, {{{sc}, {sc}}};",
+    ]
+    # d_t holds weights t and t + 4 of the word: (1024 + q) - (1024 + zero) is exact, times
+    # the scale rounds once, as an fp16 dequantization would.
+    for t in range(4):
+        src = w
+        if t:
+            lines.append(f"shr.u32 t, {w}, {4 * t};")
+            src = "t"
+        lines += [
+            f"lop3.b32 t, {src}, 0x000F000F, mg, 0xEA;",
+            "sub.rn.f16x2 t, t, zz;",
+            f"mul.rn.f16x2 d{t}, t, ss;",
+        ]
+    for r in range(rows):
+        x0, x1, x2, x3 = (f"${rows + 3 + 4 * r + i}" for i in range(4))
+        lines += [
+            # x pairs in the order of d_t: (x[t], x[t + 4])
+            f"prmt.b32 xa0, {x0}, {x2}, 0x5410;",
+            f"prmt.b32 xa1, {x0}, {x2}, 0x7632;",
+            f"prmt.b32 xa2, {x1}, {x3}, 0x5410;",
+            f"prmt.b32 xa3, {x1}, {x3}, 0x7632;",
+            "mul.rn.f16x2 acc, d0, xa0;",
+            "fma.rn.f16x2 acc, d1, xa1, acc;",
+            "fma.rn.f16x2 acc, d2, xa2, acc;",
+            "fma.rn.f16x2 acc, d3, xa3, acc;",
+            "mov.b32 {lo, hi}, acc;",
+            "add.rn.f16 lo, lo, hi;",
+            f"cvt.f32.f16 ${r}, lo;",
+        ]
+    lines.append("}")
+    return "\n".join(lines)
+
+
+def _gemv_constraints(rows: int) -> str:
+    return ",".join(["=f"] * rows + ["r", "h", "h"] + ["r"] * (4 * rows))
+
+
+# Nibbles t and t + 4 of one word (both halves of the register), minus (1024 + zero):
+# the exact integers q - zero as an f16x2. The word arrives twice (pack=2 over a trailing
+# axis of size 2 whose two elements are the two halves).
+_MMA_ASM = """
+{
+.reg .b32 t, mg;
+mov.b32 mg, 0x64006400;
+lop3.b32 t, $4, 0x000F000F, mg, 0xEA;
+sub.rn.f16x2 $0, t, $6;
+shr.u32 t, $4, 4;
+lop3.b32 t, t, 0x000F000F, mg, 0xEA;
+sub.rn.f16x2 $1, t, $6;
+shr.u32 t, $4, 8;
+lop3.b32 t, t, 0x000F000F, mg, 0xEA;
+sub.rn.f16x2 $2, t, $6;
+shr.u32 t, $4, 12;
+lop3.b32 t, t, 0x000F000F, mg, 0xEA;
+sub.rn.f16x2 $3, t, $6;
+}
+"""
+
+# The same, times the scale ($7): the weights themselves, for tiles that span groups.
+_MMA_ASM_SCALED = """
+{
+.reg .b32 t, mg;
+mov.b32 mg, 0x64006400;
+lop3.b32 t, $4, 0x000F000F, mg, 0xEA;
+sub.rn.f16x2 t, t, $6;
+mul.rn.f16x2 $0, t, $7;
+shr.u32 t, $4, 4;
+lop3.b32 t, t, 0x000F000F, mg, 0xEA;
+sub.rn.f16x2 t, t, $6;
+mul.rn.f16x2 $1, t, $7;
+shr.u32 t, $4, 8;
+lop3.b32 t, t, 0x000F000F, mg, 0xEA;
+sub.rn.f16x2 t, t, $6;
+mul.rn.f16x2 $2, t, $7;
+shr.u32 t, $4, 12;
+lop3.b32 t, t, 0x000F000F, mg, 0xEA;
+sub.rn.f16x2 t, t, $6;
+mul.rn.f16x2 $3, t, $7;
+}
+"""
+
+# Two words per instance ($8, $9); output t holds weight t of both, in natural K order.
+_DEQUANT_ASM = """
+{
+.reg .b32 lo, hi, zz, t, mg;
+mov.b32 mg, 0x64006400;
+prmt.b32 lo, $8, $9, 0x5410;
+prmt.b32 hi, $8, $9, 0x7632;
+add.rn.f16x2 zz, $10, mg;
+lop3.b32 t, lo, 0x000F000F, mg, 0xEA;
+sub.rn.f16x2 t, t, zz;
+mul.rn.f16x2 $0, t, $11;
+shr.u32 t, lo, 4;
+lop3.b32 t, t, 0x000F000F, mg, 0xEA;
+sub.rn.f16x2 t, t, zz;
+mul.rn.f16x2 $1, t, $11;
+shr.u32 t, lo, 8;
+lop3.b32 t, t, 0x000F000F, mg, 0xEA;
+sub.rn.f16x2 t, t, zz;
+mul.rn.f16x2 $2, t, $11;
+shr.u32 t, lo, 12;
+lop3.b32 t, t, 0x000F000F, mg, 0xEA;
+sub.rn.f16x2 t, t, zz;
+mul.rn.f16x2 $3, t, $11;
+lop3.b32 t, hi, 0x000F000F, mg, 0xEA;
+sub.rn.f16x2 t, t, zz;
+mul.rn.f16x2 $4, t, $11;
+shr.u32 t, hi, 4;
+lop3.b32 t, t, 0x000F000F, mg, 0xEA;
+sub.rn.f16x2 t, t, zz;
+mul.rn.f16x2 $5, t, $11;
+shr.u32 t, hi, 8;
+lop3.b32 t, t, 0x000F000F, mg, 0xEA;
+sub.rn.f16x2 t, t, zz;
+mul.rn.f16x2 $6, t, $11;
+shr.u32 t, hi, 12;
+lop3.b32 t, t, 0x000F000F, mg, 0xEA;
+sub.rn.f16x2 t, t, zz;
+mul.rn.f16x2 $7, t, $11;
+}
+"""
+
+_GEMV_ASM = {rows: _gemv_asm(rows) for rows in (1, 2, 4)}
 
 
 if triton is not None:
 
     @triton.jit
-    def _dequant_tile(w, s, z, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_ASM: tl.constexpr):
-        """int32 words [BN, BK // 8] + fp16 scale/zero (broadcastable) -> fp16 [BN, BK], natural K order."""
-        if USE_ASM:
-            # Two words per instance: PRMT gathers the same half of both words into one
-            # register so that each f16x2 result holds nibble t of word 0 and of word 1,
-            # which is how Triton packs two consecutive fp16 elements of an output.
-            # 0x6400 | q is the fp16 1024 + q; minus (1024 + zero) is q - zero exactly;
-            # times scale rounds once, as an fp16 dequantization would.
-            q0, q1, q2, q3, q4, q5, q6, q7 = tl.inline_asm_elementwise(
-                asm="""
-                {
-                .reg .b32 lo, hi, zz, t, mg;
-                mov.b32 mg, 0x64006400;
-                prmt.b32 lo, $8, $9, 0x5410;
-                prmt.b32 hi, $8, $9, 0x7632;
-                add.rn.f16x2 zz, $10, mg;
-                lop3.b32 t, lo, 0x000F000F, mg, 0xEA;
-                sub.rn.f16x2 t, t, zz;
-                mul.rn.f16x2 $0, t, $11;
-                shr.u32 t, lo, 4;
-                lop3.b32 t, t, 0x000F000F, mg, 0xEA;
-                sub.rn.f16x2 t, t, zz;
-                mul.rn.f16x2 $1, t, $11;
-                shr.u32 t, lo, 8;
-                lop3.b32 t, t, 0x000F000F, mg, 0xEA;
-                sub.rn.f16x2 t, t, zz;
-                mul.rn.f16x2 $2, t, $11;
-                shr.u32 t, lo, 12;
-                lop3.b32 t, t, 0x000F000F, mg, 0xEA;
-                sub.rn.f16x2 t, t, zz;
-                mul.rn.f16x2 $3, t, $11;
-                lop3.b32 t, hi, 0x000F000F, mg, 0xEA;
-                sub.rn.f16x2 t, t, zz;
-                mul.rn.f16x2 $4, t, $11;
-                shr.u32 t, hi, 4;
-                lop3.b32 t, t, 0x000F000F, mg, 0xEA;
-                sub.rn.f16x2 t, t, zz;
-                mul.rn.f16x2 $5, t, $11;
-                shr.u32 t, hi, 8;
-                lop3.b32 t, t, 0x000F000F, mg, 0xEA;
-                sub.rn.f16x2 t, t, zz;
-                mul.rn.f16x2 $6, t, $11;
-                shr.u32 t, hi, 12;
-                lop3.b32 t, t, 0x000F000F, mg, 0xEA;
-                sub.rn.f16x2 t, t, zz;
-                mul.rn.f16x2 $7, t, $11;
-                }
-                """,
-                constraints="=r,=r,=r,=r,=r,=r,=r,=r,r,r,r,r",
-                args=[w, z, s],
-                dtype=(tl.float16,) * 8,
-                is_pure=True,
-                pack=2,
-            )
-            # join() appends an innermost axis: the last join picks the lowest bit of the
-            # nibble index, so the reshape lays nibble t of word j at k = 8j + t.
-            even = tl.join(tl.join(q0, q4), tl.join(q2, q6))
-            odd = tl.join(tl.join(q1, q5), tl.join(q3, q7))
-            return tl.reshape(tl.join(even, odd), [BLOCK_N, BLOCK_K])
-        else:
-            shifts = tl.arange(0, 8) * 4
-            q = (w[:, :, None] >> shifts[None, None, :]) & 0xF
-            wf = (q.to(tl.float32) - z[:, :, None].to(tl.float32)) * s[:, :, None].to(tl.float32)
-            return tl.reshape(wf.to(tl.float16), [BLOCK_N, BLOCK_K])
-
-    @triton.jit
     def _load_scale_zero(s_ptr, z_ptr, rn, n_mask, rw, it, NG,
                          G: tl.constexpr, BLOCK_K: tl.constexpr, EVEN: tl.constexpr):
-        """Scale and zero for the words of one K tile: [BN, 1] when the tile lies in one group."""
+        """Scale and zero of K tile `it`: [BN, 1] when the tile lies in one group, else per word."""
         if G % BLOCK_K == 0:
-            g = (it * BLOCK_K) // G
-            offs = rn[:, None] * NG + g
+            offs = rn[:, None] * NG + (it * BLOCK_K) // G
             if EVEN:
                 s = tl.load(s_ptr + offs)
                 z = tl.load(z_ptr + offs)
@@ -273,53 +367,40 @@ if triton is not None:
                 s = tl.load(s_ptr + offs)
                 z = tl.load(z_ptr + offs)
             else:
-                m = n_mask[:, None] & (g[None, :] < NG)
-                s = tl.load(s_ptr + offs, mask=m, other=0.0)
-                z = tl.load(z_ptr + offs, mask=m, other=0.0)
+                mask = n_mask[:, None] & (g[None, :] < NG)
+                s = tl.load(s_ptr + offs, mask=mask, other=0.0)
+                z = tl.load(z_ptr + offs, mask=mask, other=0.0)
         return s, z
 
     @triton.jit
-    def _w4a16_kernel(
-        x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, ws_ptr, ticket_ptr,
-        M, N, K, KW, NG, iters_per_split, stride_xm, stride_om,
-        G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-        SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_NK: tl.constexpr, EVEN_K: tl.constexpr,
-        USE_ASM: tl.constexpr,
-    ):
-        BKW: tl.constexpr = BLOCK_K // 8
-        pid = tl.program_id(0)
-        pid_m = tl.program_id(1)
-        pid_n = pid // SPLIT_K
-        pid_k = pid % SPLIT_K
-        n_tiles = tl.cdiv(N, BLOCK_N)
+    def _x_pairs(xp, mask, MASKED: tl.constexpr):
+        """The four int32 x pairs of each word of the tile, as [1, BKW] tensors."""
+        if MASKED:
+            a = tl.load(xp, mask=mask, other=0)
+            b = tl.load(xp + 1, mask=mask, other=0)
+            c = tl.load(xp + 2, mask=mask, other=0)
+            d = tl.load(xp + 3, mask=mask, other=0)
+        else:
+            a = tl.load(xp)
+            b = tl.load(xp + 1)
+            c = tl.load(xp + 2)
+            d = tl.load(xp + 3)
+        return a[None, :], b[None, :], c[None, :], d[None, :]
 
-        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        rw = tl.arange(0, BKW)
-        rk = tl.arange(0, BLOCK_K)
-        n_mask = rn < N
-        m_mask = rm < M
+    @triton.jit
+    def _dequant_plain(w, s, z):
+        """int32 words [BN, BKW] -> fp32 weights [BN, BKW, 8] (natural order), no PTX."""
+        shifts = tl.arange(0, 8) * 4
+        q = (w[:, :, None] >> shifts[None, None, :]) & 0xF
+        wf = (q.to(tl.float32) - z[:, :, None].to(tl.float32)) * s[:, :, None].to(tl.float32)
+        # fp16 rounding of each weight, as the PTX paths do
+        return wf.to(tl.float16).to(tl.float32)
 
-        total_iters = tl.cdiv(K, BLOCK_K)
-        it0 = pid_k * iters_per_split
-        it1 = tl.minimum(it0 + iters_per_split, total_iters)
-
-        w_ptrs = qw_ptr + rn[:, None] * KW + rw[None, :]
-        x_ptrs = x_ptr + rm[None, :] * stride_xm + rk[:, None]
-        acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-        for it in range(it0, it1):
-            if EVEN_NK:
-                w = tl.load(w_ptrs + it * BKW)
-            else:
-                w = tl.load(w_ptrs + it * BKW, mask=n_mask[:, None] & (it * BKW + rw[None, :] < KW), other=0)
-            s, z = _load_scale_zero(s_ptr, z_ptr, rn, n_mask, rw, it, NG, G, BLOCK_K, EVEN_NK)
-            if EVEN_K:
-                xt = tl.load(x_ptrs + it * BLOCK_K, mask=m_mask[None, :], other=0.0)
-            else:
-                xt = tl.load(x_ptrs + it * BLOCK_K, mask=m_mask[None, :] & (it * BLOCK_K + rk[:, None] < K), other=0.0)
-            wt = _dequant_tile(w, s, z, BLOCK_N, BLOCK_K, USE_ASM)
-            acc = tl.dot(wt, xt, acc)
-
+    @triton.jit
+    def _finish(acc, rn, rm, n_mask, m_mask, pid_n, pid_m, n_tiles, N, stride_om,
+                bias_ptr, out_ptr, ws_ptr, ticket_ptr,
+                SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):
+        """acc [BN, BM] fp32 partial (over this program's K slice) -> out[m, n] fp16."""
         out_mask = n_mask[:, None] & m_mask[None, :]
         out_ptrs = out_ptr + rm[None, :] * stride_om + rn[:, None]
         if SPLIT_K == 1:
@@ -329,8 +410,8 @@ if triton is not None:
         else:
             ws_ptrs = ws_ptr + rm[None, :] * N + rn[:, None]
             tl.atomic_add(ws_ptrs, acc, mask=out_mask, sem="relaxed")
-            # Every thread's partial sums are issued before the ticket is taken; the
-            # ticket's release/acquire hands them to the last program.
+            # All threads' partial sums are issued before the ticket is taken; the ticket's
+            # release/acquire hands them to the program that arrives last.
             tl.debug_barrier()
             ticket = ticket_ptr + pid_m * n_tiles + pid_n
             arrived = tl.atomic_add(ticket, 1, sem="acq_rel")
@@ -344,7 +425,150 @@ if triton is not None:
                 tl.store(out_ptrs, total.to(tl.float16), mask=out_mask)
 
     @triton.jit
-    def _dequant_kernel(qw_ptr, s_ptr, z_ptr, out_ptr, N, K,
+    def _gemv_kernel(
+        x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, ws_ptr, ticket_ptr,
+        M, N, K, KW, NG, iters_per_split, stride_xm, stride_om,
+        G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_NK: tl.constexpr, EVEN_M: tl.constexpr,
+        USE_ASM: tl.constexpr, ASM: tl.constexpr,
+    ):
+        BKW: tl.constexpr = BLOCK_K // 8
+        pid = tl.program_id(0)
+        pid_n = pid // SPLIT_K
+        pid_k = pid % SPLIT_K
+        n_tiles = tl.cdiv(N, BLOCK_N)
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        rw = tl.arange(0, BKW)
+        n_mask = rn < N
+        it0 = pid_k * iters_per_split
+
+        w_ptrs = qw_ptr + rn[:, None] * KW + rw[None, :]
+        acc0 = tl.zeros([BLOCK_N, BKW], dtype=tl.float32)
+        acc1 = tl.zeros([BLOCK_N, BKW], dtype=tl.float32)
+        acc2 = tl.zeros([BLOCK_N, BKW], dtype=tl.float32)
+        acc3 = tl.zeros([BLOCK_N, BKW], dtype=tl.float32)
+        for it in range(it0, it0 + iters_per_split):
+            k_ok = it * BKW + rw < KW
+            if EVEN_NK:
+                w = tl.load(w_ptrs + it * BKW)
+            else:
+                w = tl.load(w_ptrs + it * BKW, mask=n_mask[:, None] & k_ok[None, :], other=0)
+            s, z = _load_scale_zero(s_ptr, z_ptr, rn, n_mask, rw, it, NG, G, BLOCK_K, EVEN_NK)
+            if USE_ASM:
+                zc = (z + 1024.0).to(tl.float16)
+                # x as int32 pairs: word j of the tile needs pairs 4j .. 4j + 3 of each row.
+                xp = x_ptr.to(tl.pointer_type(tl.int32)) + it * (BLOCK_K // 2) + rw * 4
+                xa0, xa1, xa2, xa3 = _x_pairs(xp, k_ok, not EVEN_NK)
+                if BLOCK_M == 1:
+                    r0 = tl.inline_asm_elementwise(
+                        ASM, "=f,r,h,h,r,r,r,r", [w, zc, s, xa0, xa1, xa2, xa3],
+                        dtype=tl.float32, is_pure=True, pack=1)
+                    acc0 += r0
+                elif BLOCK_M == 2:
+                    xb0, xb1, xb2, xb3 = _x_pairs(xp + stride_xm // 2, k_ok & (1 < M), not (EVEN_NK and EVEN_M))
+                    r0, r1 = tl.inline_asm_elementwise(
+                        ASM, "=f,=f,r,h,h,r,r,r,r,r,r,r,r", [w, zc, s, xa0, xa1, xa2, xa3, xb0, xb1, xb2, xb3],
+                        dtype=(tl.float32, tl.float32), is_pure=True, pack=1)
+                    acc0 += r0
+                    acc1 += r1
+                else:
+                    xb0, xb1, xb2, xb3 = _x_pairs(xp + stride_xm // 2, k_ok & (1 < M), not (EVEN_NK and EVEN_M))
+                    xc0, xc1, xc2, xc3 = _x_pairs(xp + stride_xm, k_ok & (2 < M), not (EVEN_NK and EVEN_M))
+                    xd0, xd1, xd2, xd3 = _x_pairs(xp + 3 * (stride_xm // 2), k_ok & (3 < M),
+                                                  not (EVEN_NK and EVEN_M))
+                    r0, r1, r2, r3 = tl.inline_asm_elementwise(
+                        ASM, "=f,=f,=f,=f,r,h,h,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r",
+                        [w, zc, s, xa0, xa1, xa2, xa3, xb0, xb1, xb2, xb3, xc0, xc1, xc2, xc3, xd0, xd1, xd2, xd3],
+                        dtype=(tl.float32, tl.float32, tl.float32, tl.float32), is_pure=True, pack=1)
+                    acc0 += r0
+                    acc1 += r1
+                    acc2 += r2
+                    acc3 += r3
+            else:
+                wf = _dequant_plain(w, s, z)
+                xo = it * BLOCK_K + rw[:, None] * 8 + tl.arange(0, 8)[None, :]
+                xk = xo < K
+                acc0 += tl.sum(wf * tl.load(x_ptr + xo, mask=xk, other=0.0).to(tl.float32)[None, :, :], axis=2)
+                if BLOCK_M >= 2:
+                    xv = tl.load(x_ptr + stride_xm + xo, mask=xk & (1 < M), other=0.0).to(tl.float32)
+                    acc1 += tl.sum(wf * xv[None, :, :], axis=2)
+                if BLOCK_M >= 4:
+                    xv = tl.load(x_ptr + 2 * stride_xm + xo, mask=xk & (2 < M), other=0.0).to(tl.float32)
+                    acc2 += tl.sum(wf * xv[None, :, :], axis=2)
+                    xv = tl.load(x_ptr + 3 * stride_xm + xo, mask=xk & (3 < M), other=0.0).to(tl.float32)
+                    acc3 += tl.sum(wf * xv[None, :, :], axis=2)
+
+        rm = tl.arange(0, BLOCK_M)
+        if BLOCK_M == 1:
+            acc = tl.sum(acc0, axis=1)[:, None]
+        elif BLOCK_M == 2:
+            acc = tl.join(tl.sum(acc0, axis=1), tl.sum(acc1, axis=1))
+        else:
+            acc = tl.reshape(tl.join(tl.join(tl.sum(acc0, axis=1), tl.sum(acc2, axis=1)),
+                                     tl.join(tl.sum(acc1, axis=1), tl.sum(acc3, axis=1))), [BLOCK_N, BLOCK_M])
+        _finish(acc, rn, rm, n_mask, rm < M, pid_n, 0, n_tiles, N, stride_om, bias_ptr, out_ptr, ws_ptr,
+                ticket_ptr, SPLIT_K, HAS_BIAS, BLOCK_N, BLOCK_M)
+
+    @triton.jit
+    def _mma_kernel(
+        x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, ws_ptr, ticket_ptr,
+        M, N, K, KW, NG, iters_per_split, stride_xm, stride_om,
+        G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_NK: tl.constexpr, USE_ASM: tl.constexpr,
+    ):
+        BKW: tl.constexpr = BLOCK_K // 8
+        pid = tl.program_id(0)
+        pid_m = tl.program_id(1)
+        pid_n = pid // SPLIT_K
+        pid_k = pid % SPLIT_K
+        n_tiles = tl.cdiv(N, BLOCK_N)
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        rw = tl.arange(0, BKW)
+        rk = tl.arange(0, BLOCK_K)
+        n_mask = rn < N
+        m_mask = rm < M
+        it0 = pid_k * iters_per_split
+
+        w_ptrs = qw_ptr + rn[:, None] * KW + rw[None, :]
+        x_ptrs = x_ptr + rm[None, :] * stride_xm + rk[:, None]
+        acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+        for it in range(it0, it0 + iters_per_split):
+            if EVEN_NK:
+                w = tl.load(w_ptrs + it * BKW)
+                xt = tl.load(x_ptrs + it * BLOCK_K, mask=m_mask[None, :], other=0.0)
+            else:
+                w = tl.load(w_ptrs + it * BKW, mask=n_mask[:, None] & (it * BKW + rw[None, :] < KW), other=0)
+                xt = tl.load(x_ptrs + it * BLOCK_K, mask=m_mask[None, :] & (it * BLOCK_K + rk[:, None] < K),
+                             other=0.0)
+            s, z = _load_scale_zero(s_ptr, z_ptr, rn, n_mask, rw, it, NG, G, BLOCK_K, EVEN_NK)
+            if USE_ASM:
+                zc = (z + 1024.0).to(tl.float16)
+                w2 = tl.broadcast_to(w[:, :, None], [BLOCK_N, BKW, 2])
+                if G % BLOCK_K == 0:
+                    o0, o1, o2, o3 = tl.inline_asm_elementwise(
+                        _MMA_ASM, "=r,=r,=r,=r,r,r,r", [w2, zc[:, :, None]],
+                        dtype=(tl.float16,) * 4, is_pure=True, pack=2)
+                else:
+                    o0, o1, o2, o3 = tl.inline_asm_elementwise(
+                        _MMA_ASM_SCALED, "=r,=r,=r,=r,r,r,r,r", [w2, zc[:, :, None], s[:, :, None]],
+                        dtype=(tl.float16,) * 4, is_pure=True, pack=2)
+                # [BN, BKW, e, t_lo, t_hi] -> K position 8j + 2t + e holds weight 8j + t + 4e
+                wt = tl.permute(tl.join(tl.join(o0, o1), tl.join(o2, o3)), (0, 1, 4, 3, 2))
+                wt = tl.reshape(wt, [BLOCK_N, BLOCK_K])
+                xv = tl.reshape(tl.permute(tl.reshape(xt, [BKW, 2, 4, BLOCK_M]), (0, 2, 1, 3)), [BLOCK_K, BLOCK_M])
+                if G % BLOCK_K == 0:
+                    acc += tl.dot(wt, xv) * s.to(tl.float32)
+                else:
+                    acc = tl.dot(wt, xv, acc)
+            else:
+                wt = tl.reshape(_dequant_plain(w, s, z), [BLOCK_N, BLOCK_K]).to(tl.float16)
+                acc = tl.dot(wt, xt, acc)
+        _finish(acc, rn, rm, n_mask, m_mask, pid_n, pid_m, n_tiles, N, stride_om, bias_ptr, out_ptr, ws_ptr,
+                ticket_ptr, SPLIT_K, HAS_BIAS, BLOCK_N, BLOCK_M)
+
+    @triton.jit
+    def _dequant_kernel(qw_ptr, s_ptr, z_ptr, out_ptr, N, K, KW, NG,
                         G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_ASM: tl.constexpr):
         BKW: tl.constexpr = BLOCK_K // 8
         pid_n = tl.program_id(0)
@@ -353,10 +577,19 @@ if triton is not None:
         rw = tl.arange(0, BKW)
         rk = tl.arange(0, BLOCK_K)
         n_mask = rn < N
-        KW = K // 8
         w = tl.load(qw_ptr + rn[:, None] * KW + it * BKW + rw[None, :],
                     mask=n_mask[:, None] & (it * BKW + rw[None, :] < KW), other=0)
-        s, z = _load_scale_zero(s_ptr, z_ptr, rn, n_mask, rw, it, K // G, G, BLOCK_K, False)
-        wt = _dequant_tile(w, s, z, BLOCK_N, BLOCK_K, USE_ASM)
+        s, z = _load_scale_zero(s_ptr, z_ptr, rn, n_mask, rw, it, NG, G, BLOCK_K, False)
+        if USE_ASM:
+            q0, q1, q2, q3, q4, q5, q6, q7 = tl.inline_asm_elementwise(
+                _DEQUANT_ASM, "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r,r", [w, z, s],
+                dtype=(tl.float16,) * 8, is_pure=True, pack=2)
+            # join() appends an innermost axis: the last join picks the lowest bit of the
+            # nibble index, so the reshape puts weight t of word j at 8j + t.
+            even = tl.join(tl.join(q0, q4), tl.join(q2, q6))
+            odd = tl.join(tl.join(q1, q5), tl.join(q3, q7))
+            wt = tl.reshape(tl.join(even, odd), [BLOCK_N, BLOCK_K])
+        else:
+            wt = tl.reshape(_dequant_plain(w, s, z), [BLOCK_N, BLOCK_K]).to(tl.float16)
         tl.store(out_ptr + rn[:, None] * K + it * BLOCK_K + rk[None, :], wt,
                  mask=n_mask[:, None] & (it * BLOCK_K + rk[None, :] < K))
