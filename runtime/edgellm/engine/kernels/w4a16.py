@@ -52,6 +52,7 @@ class W4A16Config:
     split_k: int = 1
     num_warps: int = 4
     num_stages: int = 3
+    prefetch: bool = True  # gemv: load the next K tile before this one's arithmetic
 
 
 def cdiv(a: int, b: int) -> int:
@@ -67,17 +68,22 @@ def _split_for(n_tiles: int, iters: int, num_sms: int, min_iters: int = 2, waves
 
 
 def pick_config(m: int, n: int, k: int, group_size: int, num_sms: int = 132) -> W4A16Config:
-    """The fixed configuration table (see docs/dev/kernels-notes.md for the measurements)."""
+    """The fixed configuration table (measurements in docs/dev/kernels-notes.md).
+
+    M <= 2: the CUDA-core gemv, K split until ~4 programs per SM. M <= 16: the tensor-core
+    kernel, ~2 programs per SM. M <= 256: tensor cores with large tiles. Beyond that,
+    dequantizing to fp16 once and calling cuBLAS is faster (it costs an fp16 copy of the
+    weight for the duration of the call).
+    """
     if m <= 2:
-        block_n, block_k = 64, 128
-        return W4A16Config("gemv", block_m=1 if m == 1 else 2, block_n=block_n, block_k=block_k,
-                           split_k=_split_for(cdiv(n, block_n), cdiv(k, block_k), num_sms), num_warps=4, num_stages=1)
+        return W4A16Config("gemv", block_m=m, block_n=64, block_k=128,
+                           split_k=_split_for(cdiv(n, 64), cdiv(k, 128), num_sms, waves=4), num_warps=4, num_stages=1)
     if m <= 16:
-        block_n, block_k = 128, 128
-        return W4A16Config("mma", block_m=16, block_n=block_n, block_k=block_k,
-                           split_k=_split_for(cdiv(n, block_n), cdiv(k, block_k), num_sms), num_warps=4, num_stages=3)
-    block_m = 32 if m <= 32 else 64
-    return W4A16Config("mma", block_m=block_m, block_n=128, block_k=64, split_k=1, num_warps=4, num_stages=3)
+        return W4A16Config("mma", block_m=16, block_n=64, block_k=128,
+                           split_k=_split_for(cdiv(n, 64), cdiv(k, 128), num_sms, waves=2), num_warps=4, num_stages=3)
+    if m <= 256:
+        return W4A16Config("mma", block_m=128, block_n=128, block_k=64, split_k=1, num_warps=8, num_stages=3)
+    return W4A16Config("dense")
 
 
 _workspaces: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -127,8 +133,12 @@ def w4a16_linear(
     group_size: int,
     bias: torch.Tensor | None = None,
     config: W4A16Config | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """x [M, K] fp16 @ dequant(qweight)^T (+ bias) -> [M, N] fp16, accumulated in fp32."""
+    """x [M, K] fp16 @ dequant(qweight)^T (+ bias) -> [M, N] fp16, accumulated in fp32.
+
+    `out` (contiguous [M, N] fp16), when given, receives the result (a static buffer for graphs).
+    """
     if triton is None:
         raise RuntimeError("the W4A16 kernels need Triton; on this host use the dequantized weights")
     n, k = _check(x, qweight, scales, zeros, group_size)
@@ -140,10 +150,15 @@ def w4a16_linear(
     if bias is not None:
         bias = bias.contiguous()
     cfg = config or pick_config(m, n, k, group_size, _num_sms(x.device))
+    if out is None:
+        out = torch.empty(m, n, dtype=torch.float16, device=x.device)
+    elif tuple(out.shape) != (m, n) or out.dtype != torch.float16 or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous fp16 [{m}, {n}] tensor, got {out.dtype} {tuple(out.shape)}")
     if cfg.kind == "dense":
         w = dequantize_fp16(qweight, scales, zeros, group_size)
-        return torch.nn.functional.linear(x, w, bias)
-    out = torch.empty(m, n, dtype=torch.float16, device=x.device)
+        if bias is None:
+            return torch.matmul(x, w.t(), out=out)
+        return torch.addmm(bias, x, w.t(), out=out)
     if m == 0:
         return out
     if cfg.kind == "gemv" and m > cfg.block_m:
@@ -168,7 +183,8 @@ def w4a16_linear(
                   HAS_BIAS=bias is not None, EVEN_NK=n % cfg.block_n == 0 and k % cfg.block_k == 0,
                   USE_ASM=_use_asm(), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if cfg.kind == "gemv":
-        _gemv_kernel[grid](*args, BLOCK_M=cfg.block_m, EVEN_M=m == cfg.block_m, ASM=_GEMV_ASM[cfg.block_m], **common)
+        _gemv_kernel[grid](*args, BLOCK_M=cfg.block_m, EVEN_M=m == cfg.block_m, ASM=_GEMV_ASM[cfg.block_m],
+                           PREFETCH=cfg.prefetch, **common)
     elif cfg.kind == "mma":
         _mma_kernel[grid](*args, BLOCK_M=cfg.block_m, **common)
     else:
@@ -258,95 +274,42 @@ def _gemv_constraints(rows: int) -> str:
     return ",".join(["=f"] * rows + ["r", "h", "h"] + ["r"] * (4 * rows))
 
 
-# Nibbles t and t + 4 of one word (both halves of the register), minus (1024 + zero):
-# the exact integers q - zero as an f16x2. The word arrives twice (pack=2 over a trailing
-# axis of size 2 whose two elements are the two halves).
-_MMA_ASM = """
-{
-.reg .b32 t, mg;
-mov.b32 mg, 0x64006400;
-lop3.b32 t, $4, 0x000F000F, mg, 0xEA;
-sub.rn.f16x2 $0, t, $6;
-shr.u32 t, $4, 4;
-lop3.b32 t, t, 0x000F000F, mg, 0xEA;
-sub.rn.f16x2 $1, t, $6;
-shr.u32 t, $4, 8;
-lop3.b32 t, t, 0x000F000F, mg, 0xEA;
-sub.rn.f16x2 $2, t, $6;
-shr.u32 t, $4, 12;
-lop3.b32 t, t, 0x000F000F, mg, 0xEA;
-sub.rn.f16x2 $3, t, $6;
-}
-"""
+def _dequant_asm(scaled: bool) -> str:
+    """PTX for two words per instance ($8, $9), zero ($10) and scale ($11) as fp16 pairs.
 
-# The same, times the scale ($7): the weights themselves, for tiles that span groups.
-_MMA_ASM_SCALED = """
-{
-.reg .b32 t, mg;
-mov.b32 mg, 0x64006400;
-lop3.b32 t, $4, 0x000F000F, mg, 0xEA;
-sub.rn.f16x2 t, t, $6;
-mul.rn.f16x2 $0, t, $7;
-shr.u32 t, $4, 4;
-lop3.b32 t, t, 0x000F000F, mg, 0xEA;
-sub.rn.f16x2 t, t, $6;
-mul.rn.f16x2 $1, t, $7;
-shr.u32 t, $4, 8;
-lop3.b32 t, t, 0x000F000F, mg, 0xEA;
-sub.rn.f16x2 t, t, $6;
-mul.rn.f16x2 $2, t, $7;
-shr.u32 t, $4, 12;
-lop3.b32 t, t, 0x000F000F, mg, 0xEA;
-sub.rn.f16x2 t, t, $6;
-mul.rn.f16x2 $3, t, $7;
-}
-"""
+    Output t ($t) holds weight t of both words, so Triton's natural element order is K
+    order. (1024 + q) - (1024 + zero) is q - zero exactly; times the scale (when `scaled`)
+    rounds once, as an fp16 dequantization would.
+    """
+    lines = [
+        "{",
+        ".reg .b32 lo, hi, zz, t, mg;",
+        "mov.b32 mg, 0x64006400;",
+        "prmt.b32 lo, $8, $9, 0x5410;",  # low halves (weights 0-3) of both words
+        "prmt.b32 hi, $8, $9, 0x7632;",  # high halves (weights 4-7)
+        "add.rn.f16x2 zz, $10, mg;",
+    ]
+    for t in range(8):
+        src = "lo" if t < 4 else "hi"
+        if t % 4:
+            lines.append(f"shr.u32 t, {src}, {4 * (t % 4)};")
+            src = "t"
+        lines.append(f"lop3.b32 t, {src}, 0x000F000F, mg, 0xEA;")
+        if scaled:
+            lines += ["sub.rn.f16x2 t, t, zz;", f"mul.rn.f16x2 ${t}, t, $11;"]
+        else:
+            lines.append(f"sub.rn.f16x2 ${t}, t, zz;")
+    lines.append("}")
+    return "\n".join(lines)
 
-# Two words per instance ($8, $9); output t holds weight t of both, in natural K order.
-_DEQUANT_ASM = """
-{
-.reg .b32 lo, hi, zz, t, mg;
-mov.b32 mg, 0x64006400;
-prmt.b32 lo, $8, $9, 0x5410;
-prmt.b32 hi, $8, $9, 0x7632;
-add.rn.f16x2 zz, $10, mg;
-lop3.b32 t, lo, 0x000F000F, mg, 0xEA;
-sub.rn.f16x2 t, t, zz;
-mul.rn.f16x2 $0, t, $11;
-shr.u32 t, lo, 4;
-lop3.b32 t, t, 0x000F000F, mg, 0xEA;
-sub.rn.f16x2 t, t, zz;
-mul.rn.f16x2 $1, t, $11;
-shr.u32 t, lo, 8;
-lop3.b32 t, t, 0x000F000F, mg, 0xEA;
-sub.rn.f16x2 t, t, zz;
-mul.rn.f16x2 $2, t, $11;
-shr.u32 t, lo, 12;
-lop3.b32 t, t, 0x000F000F, mg, 0xEA;
-sub.rn.f16x2 t, t, zz;
-mul.rn.f16x2 $3, t, $11;
-lop3.b32 t, hi, 0x000F000F, mg, 0xEA;
-sub.rn.f16x2 t, t, zz;
-mul.rn.f16x2 $4, t, $11;
-shr.u32 t, hi, 4;
-lop3.b32 t, t, 0x000F000F, mg, 0xEA;
-sub.rn.f16x2 t, t, zz;
-mul.rn.f16x2 $5, t, $11;
-shr.u32 t, hi, 8;
-lop3.b32 t, t, 0x000F000F, mg, 0xEA;
-sub.rn.f16x2 t, t, zz;
-mul.rn.f16x2 $6, t, $11;
-shr.u32 t, hi, 12;
-lop3.b32 t, t, 0x000F000F, mg, 0xEA;
-sub.rn.f16x2 t, t, zz;
-mul.rn.f16x2 $7, t, $11;
-}
-"""
 
 _GEMV_ASM = {rows: _gemv_asm(rows) for rows in (1, 2, 4)}
 
 
 if triton is not None:
+    # Triton kernels may read module globals only when they are constexpr.
+    _DEQUANT_ASM_C = tl.constexpr(_dequant_asm(scaled=True))
+    _DEQUANT_ZERO_ASM_C = tl.constexpr(_dequant_asm(scaled=False))
 
     @triton.jit
     def _load_scale_zero(s_ptr, z_ptr, rn, n_mask, rw, it, NG,
@@ -373,6 +336,18 @@ if triton is not None:
         return s, z
 
     @triton.jit
+    def _load_tile(w_ptrs, s_ptr, z_ptr, rn, n_mask, rw, it, KW, NG,
+                   G: tl.constexpr, BLOCK_K: tl.constexpr, EVEN: tl.constexpr):
+        """Packed words [BN, BK // 8] of K tile `it`, with their scales and zeros."""
+        if EVEN:
+            w = tl.load(w_ptrs + it * (BLOCK_K // 8))
+        else:
+            w = tl.load(w_ptrs + it * (BLOCK_K // 8),
+                        mask=n_mask[:, None] & (it * (BLOCK_K // 8) + rw[None, :] < KW), other=0)
+        s, z = _load_scale_zero(s_ptr, z_ptr, rn, n_mask, rw, it, NG, G, BLOCK_K, EVEN)
+        return w, s, z
+
+    @triton.jit
     def _x_pairs(xp, mask, MASKED: tl.constexpr):
         """The four int32 x pairs of each word of the tile, as [1, BKW] tensors."""
         if MASKED:
@@ -397,6 +372,23 @@ if triton is not None:
         return wf.to(tl.float16).to(tl.float32)
 
     @triton.jit
+    def _dequant_tile(w, s, z, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SCALED: tl.constexpr):
+        """int32 words [BN, BK // 8] -> fp16 [BN, BK] in K order: (q - zero) * scale, or q - zero."""
+        if SCALED:
+            q0, q1, q2, q3, q4, q5, q6, q7 = tl.inline_asm_elementwise(
+                _DEQUANT_ASM_C, "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r,r", [w, z, s],
+                dtype=(tl.float16,) * 8, is_pure=True, pack=2)
+        else:
+            q0, q1, q2, q3, q4, q5, q6, q7 = tl.inline_asm_elementwise(
+                _DEQUANT_ZERO_ASM_C, "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r,r", [w, z, s],
+                dtype=(tl.float16,) * 8, is_pure=True, pack=2)
+        # join() appends an innermost axis: the last join picks the lowest bit of the
+        # weight index, so the reshape puts weight t of word j at 8j + t.
+        even = tl.join(tl.join(q0, q4), tl.join(q2, q6))
+        odd = tl.join(tl.join(q1, q5), tl.join(q3, q7))
+        return tl.reshape(tl.join(even, odd), [BLOCK_N, BLOCK_K])
+
+    @triton.jit
     def _finish(acc, rn, rm, n_mask, m_mask, pid_n, pid_m, n_tiles, N, stride_om,
                 bias_ptr, out_ptr, ws_ptr, ticket_ptr,
                 SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):
@@ -417,8 +409,9 @@ if triton is not None:
             arrived = tl.atomic_add(ticket, 1, sem="acq_rel")
             if arrived == SPLIT_K - 1:
                 # Read through L2 with an exchange, which also leaves zeros for the next call.
-                total = tl.atomic_xchg(ws_ptrs, tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32),
-                                       mask=out_mask, sem="relaxed")
+                ws_bits = ws_ptr.to(tl.pointer_type(tl.int32)) + rm[None, :] * N + rn[:, None]
+                total = tl.atomic_xchg(ws_bits, tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.int32),
+                                       mask=out_mask, sem="relaxed").to(tl.float32, bitcast=True)
                 tl.atomic_xchg(ticket, 0, sem="relaxed")
                 if HAS_BIAS:
                     total += tl.load(bias_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)[:, None]
@@ -430,7 +423,7 @@ if triton is not None:
         M, N, K, KW, NG, iters_per_split, stride_xm, stride_om,
         G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
         SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_NK: tl.constexpr, EVEN_M: tl.constexpr,
-        USE_ASM: tl.constexpr, ASM: tl.constexpr,
+        USE_ASM: tl.constexpr, ASM: tl.constexpr, PREFETCH: tl.constexpr,
     ):
         BKW: tl.constexpr = BLOCK_K // 8
         pid = tl.program_id(0)
@@ -447,13 +440,19 @@ if triton is not None:
         acc1 = tl.zeros([BLOCK_N, BKW], dtype=tl.float32)
         acc2 = tl.zeros([BLOCK_N, BKW], dtype=tl.float32)
         acc3 = tl.zeros([BLOCK_N, BKW], dtype=tl.float32)
-        for it in range(it0, it0 + iters_per_split):
+        last = it0 + iters_per_split - 1
+        w_nx, s_nx, z_nx = _load_tile(w_ptrs, s_ptr, z_ptr, rn, n_mask, rw, it0, KW, NG, G, BLOCK_K, EVEN_NK)
+        for i in range(0, iters_per_split):
+            it = it0 + i
             k_ok = it * BKW + rw < KW
-            if EVEN_NK:
-                w = tl.load(w_ptrs + it * BKW)
+            if PREFETCH:
+                # Triton pipelines no loads without a dot: issue the next tile's loads before
+                # this tile's arithmetic so that each warp has two tiles in flight.
+                w, s, z = w_nx, s_nx, z_nx
+                w_nx, s_nx, z_nx = _load_tile(w_ptrs, s_ptr, z_ptr, rn, n_mask, rw, tl.minimum(it + 1, last),
+                                              KW, NG, G, BLOCK_K, EVEN_NK)
             else:
-                w = tl.load(w_ptrs + it * BKW, mask=n_mask[:, None] & k_ok[None, :], other=0)
-            s, z = _load_scale_zero(s_ptr, z_ptr, rn, n_mask, rw, it, NG, G, BLOCK_K, EVEN_NK)
+                w, s, z = _load_tile(w_ptrs, s_ptr, z_ptr, rn, n_mask, rw, it, KW, NG, G, BLOCK_K, EVEN_NK)
             if USE_ASM:
                 zc = (z + 1024.0).to(tl.float16)
                 # x as int32 pairs: word j of the tile needs pairs 4j .. 4j + 3 of each row.
@@ -533,7 +532,8 @@ if triton is not None:
         w_ptrs = qw_ptr + rn[:, None] * KW + rw[None, :]
         x_ptrs = x_ptr + rm[None, :] * stride_xm + rk[:, None]
         acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-        for it in range(it0, it0 + iters_per_split):
+        for i in range(0, iters_per_split):
+            it = it0 + i
             if EVEN_NK:
                 w = tl.load(w_ptrs + it * BKW)
                 xt = tl.load(x_ptrs + it * BLOCK_K, mask=m_mask[None, :], other=0.0)
@@ -543,24 +543,12 @@ if triton is not None:
                              other=0.0)
             s, z = _load_scale_zero(s_ptr, z_ptr, rn, n_mask, rw, it, NG, G, BLOCK_K, EVEN_NK)
             if USE_ASM:
-                zc = (z + 1024.0).to(tl.float16)
-                w2 = tl.broadcast_to(w[:, :, None], [BLOCK_N, BKW, 2])
                 if G % BLOCK_K == 0:
-                    o0, o1, o2, o3 = tl.inline_asm_elementwise(
-                        _MMA_ASM, "=r,=r,=r,=r,r,r,r", [w2, zc[:, :, None]],
-                        dtype=(tl.float16,) * 4, is_pure=True, pack=2)
+                    # One group per tile: q - zero exactly in the tile, the scale after the dot.
+                    wt = _dequant_tile(w, s, z, BLOCK_N, BLOCK_K, False)
+                    acc += tl.dot(wt, xt) * s.to(tl.float32)
                 else:
-                    o0, o1, o2, o3 = tl.inline_asm_elementwise(
-                        _MMA_ASM_SCALED, "=r,=r,=r,=r,r,r,r,r", [w2, zc[:, :, None], s[:, :, None]],
-                        dtype=(tl.float16,) * 4, is_pure=True, pack=2)
-                # [BN, BKW, e, t_lo, t_hi] -> K position 8j + 2t + e holds weight 8j + t + 4e
-                wt = tl.permute(tl.join(tl.join(o0, o1), tl.join(o2, o3)), (0, 1, 4, 3, 2))
-                wt = tl.reshape(wt, [BLOCK_N, BLOCK_K])
-                xv = tl.reshape(tl.permute(tl.reshape(xt, [BKW, 2, 4, BLOCK_M]), (0, 2, 1, 3)), [BLOCK_K, BLOCK_M])
-                if G % BLOCK_K == 0:
-                    acc += tl.dot(wt, xv) * s.to(tl.float32)
-                else:
-                    acc = tl.dot(wt, xv, acc)
+                    acc = tl.dot(_dequant_tile(w, s, z, BLOCK_N, BLOCK_K, True), xt, acc)
             else:
                 wt = tl.reshape(_dequant_plain(w, s, z), [BLOCK_N, BLOCK_K]).to(tl.float16)
                 acc = tl.dot(wt, xt, acc)
@@ -581,14 +569,7 @@ if triton is not None:
                     mask=n_mask[:, None] & (it * BKW + rw[None, :] < KW), other=0)
         s, z = _load_scale_zero(s_ptr, z_ptr, rn, n_mask, rw, it, NG, G, BLOCK_K, False)
         if USE_ASM:
-            q0, q1, q2, q3, q4, q5, q6, q7 = tl.inline_asm_elementwise(
-                _DEQUANT_ASM, "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r,r", [w, z, s],
-                dtype=(tl.float16,) * 8, is_pure=True, pack=2)
-            # join() appends an innermost axis: the last join picks the lowest bit of the
-            # nibble index, so the reshape puts weight t of word j at 8j + t.
-            even = tl.join(tl.join(q0, q4), tl.join(q2, q6))
-            odd = tl.join(tl.join(q1, q5), tl.join(q3, q7))
-            wt = tl.reshape(tl.join(even, odd), [BLOCK_N, BLOCK_K])
+            wt = _dequant_tile(w, s, z, BLOCK_N, BLOCK_K, True)
         else:
             wt = tl.reshape(_dequant_plain(w, s, z), [BLOCK_N, BLOCK_K]).to(tl.float16)
         tl.store(out_ptr + rn[:, None] * K + it * BLOCK_K + rk[None, :], wt,

@@ -1,0 +1,255 @@
+"""Microbenchmark of the decode kernels: W4A16 linear and decode attention.
+
+    PYTHONPATH=runtime python3 bench/kernels.py --out kernels.json [--sweep]
+
+First measures device-to-device copy bandwidth (bytes read + written), the ceiling every
+kernel here is held to. Then, for each weight shape and M, the W4A16 time and its share of
+that bandwidth (bytes = qweight + scales + zeros + x + out), beside cuBLAS on the same
+shape with fp16 weights. Times are medians of CUDA-graph replays (as the engine runs
+decode), each replay cycling through enough weight copies that L2 (50 MB on an H100)
+cannot serve them. --sweep also times the candidate configurations the fixed table in
+w4a16.pick_config was chosen from. Prints a table last, writes everything as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "runtime"))
+
+from edgellm.engine.kernels import decode_attention as attn  # noqa: E402
+from edgellm.engine.kernels import w4a16  # noqa: E402
+
+# (name, N, K): Llama-3.2-1B and Llama-3.1-8B projections (qkv and gate|up fused)
+SHAPES = [
+    ("1B qkv", 6144, 2048),
+    ("1B o", 2048, 2048),
+    ("1B gate_up", 16384, 2048),
+    ("1B down", 2048, 8192),
+    ("8B qkv", 6144, 4096),
+    ("8B o", 4096, 4096),
+    ("8B gate_up", 28672, 4096),
+    ("8B down", 4096, 14336),
+]
+DECODE_M = [1, 2, 3, 4, 8]
+PREFILL_M = [16, 77, 512]
+PREFILL_SHAPES = ("1B qkv", "8B o", "8B gate_up")
+SWEEP_SHAPES = ("1B qkv", "8B o", "8B gate_up", "8B down")
+L2_BYTES = 50 * 2**20
+
+
+def graph_time_us(calls, reps: int = 20) -> float:
+    """Median time of one call: a CUDA graph runs `calls` (a list of thunks) back to back."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for c in calls[: min(3, len(calls))]:
+            c()
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for c in calls:
+            c()
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / len(calls))
+    del graph
+    return statistics.median(times)
+
+
+def copy_bandwidth() -> float:
+    n = 2**30 // 2  # 1 GiB of fp16
+    a = torch.randn(n, device="cuda", dtype=torch.float16)
+    b = torch.empty_like(a)
+    t = graph_time_us([lambda: b.copy_(a)] * 10, reps=10)
+    del a, b
+    return 2 * n * 2 / (t * 1e-6) / 1e9  # GB/s, read + written
+
+
+def read_bandwidth() -> float:
+    """A reduction over 1 GiB: what a kernel that only reads can expect."""
+    a = torch.randn(2**29, device="cuda", dtype=torch.float16)
+    t = graph_time_us([lambda: a.sum(dtype=torch.float32)] * 10, reps=10)
+    del a
+    return 2**30 / (t * 1e-6) / 1e9
+
+
+def random_weights(n: int, k: int, g: int, copies: int, gen: torch.Generator):
+    """Random packed weights (all nibble values), small positive scales, integer zeros."""
+    out = []
+    for _ in range(copies):
+        qweight = torch.randint(-2**31, 2**31 - 1, (n, k // 8), dtype=torch.int32, device="cuda", generator=gen)
+        scales = (torch.rand(n, k // g, device="cuda", generator=gen) * 0.01 + 0.001).half()
+        zeros = torch.randint(0, 16, (n, k // g), device="cuda", generator=gen).half()
+        out.append((qweight, scales, zeros))
+    return out
+
+
+def w4_bytes(m: int, n: int, k: int, g: int) -> int:
+    return n * k // 2 + 2 * n * (k // g) * 2 + m * k * 2 + m * n * 2
+
+
+def candidates(m: int, n: int, k: int, g: int, sms: int):
+    """Configurations the table is chosen from (--sweep)."""
+    C = w4a16.W4A16Config
+    split = w4a16._split_for
+    out = []
+    if m <= 16:
+        if m <= 4:
+            bm = 1 if m == 1 else 2 if m == 2 else 4
+            for bn, warps in ((64, 4), (128, 8)):
+                for waves in (4, 8):
+                    for prefetch in (True, False):
+                        out.append(C("gemv", bm, bn, 128, split(w4a16.cdiv(n, bn), w4a16.cdiv(k, 128), sms, waves=waves),
+                                     warps, 1, prefetch))
+        for waves in (1, 2):
+            out.append(C("mma", 16, 64, 128, split(w4a16.cdiv(n, 64), w4a16.cdiv(k, 128), sms, waves=waves), 4, 3))
+            out.append(C("mma", 16, 128, 128, split(w4a16.cdiv(n, 128), w4a16.cdiv(k, 128), sms, waves=waves), 8, 3))
+    else:
+        out += [C("mma", 64, 64, 128, 1, 4, 3), C("mma", 128, 128, 64, 1, 8, 3), C("dense")]
+    return list(dict.fromkeys(out))
+
+
+def bench_w4a16(m, n, k, g, copies, cfg, gen):
+    xs = [torch.randn(m, k, device="cuda", generator=gen).half() for _ in range(2)]
+    outs = [torch.empty(m, n, device="cuda", dtype=torch.float16) for _ in range(2)]
+    calls = []
+    for i in range(max(len(copies) * 2, 8)):
+        qw, s, z = copies[i % len(copies)]
+        x, o = xs[i % 2], outs[i % 2]
+        calls.append(lambda qw=qw, s=s, z=z, x=x, o=o: w4a16.w4a16_linear(x, qw, s, z, g, config=cfg, out=o))
+    return graph_time_us(calls)
+
+
+def bench_cublas(m, n, k, gen):
+    copies = max(2, math.ceil(3 * L2_BYTES / (n * k * 2)))
+    ws = [torch.randn(n, k, device="cuda", generator=gen).half() for _ in range(copies)]
+    x = torch.randn(m, k, device="cuda", generator=gen).half()
+    calls = [lambda w=w: torch.matmul(x, w.t()) for w in ws * 4]
+    t = graph_time_us(calls)
+    del ws
+    return t, n * k * 2 + m * k * 2 + m * n * 2
+
+
+def bench_attention(gen, bw):
+    rows = []
+    for b, hq, hkv, d, s_max, seq in [(1, 32, 8, 64, 4096, 4096), (1, 32, 8, 128, 4096, 4096), (1, 32, 8, 128, 8192, 1024),
+                                      (8, 32, 8, 128, 4096, 4096), (8, 32, 8, 128, 4096, 512), (4, 32, 8, 64, 2048, 2048)]:
+        copies = max(2, math.ceil(3 * L2_BYTES / (2 * b * hkv * seq * d * 2)))
+        caches = [(torch.randn(b, hkv, s_max, d, device="cuda", generator=gen).half(),
+                   torch.randn(b, hkv, s_max, d, device="cuda", generator=gen).half()) for _ in range(copies)]
+        q = torch.randn(b, hq, d, device="cuda", generator=gen).half()
+        slots = torch.arange(b, device="cuda", dtype=torch.int32)
+        lens = torch.full((b,), seq, device="cuda", dtype=torch.int32)
+        calls = [lambda kc=kc, vc=vc: attn.decode_attention(q, kc, vc, slots, lens, d ** -0.5) for kc, vc in caches * 3]
+        t = graph_time_us(calls)
+        nbytes = 2 * b * hkv * seq * d * 2 + 2 * b * hq * d * 2
+        rows.append(dict(B=b, Hq=hq, Hkv=hkv, D=d, S_max=s_max, seq_len=seq, us=t, bytes=nbytes,
+                         gbps=nbytes / t / 1e3, pct_bw=100 * nbytes / t / 1e3 / bw))
+        del caches
+    return rows
+
+
+def ncu_target(which: str, g: int, sms: int) -> None:
+    n, k = 28672, 4096
+    m = 1 if which == "gemv1" else 8
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    (qw, s, z), = random_weights(n, k, g, 1, gen)
+    x = torch.randn(m, k, device="cuda", generator=gen).half()
+    cfg = w4a16.pick_config(m, n, k, g, sms)
+    print(which, cfg)
+    for _ in range(5):
+        w4a16.w4a16_linear(x, qw, s, z, g, config=cfg)
+    torch.cuda.synchronize()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", help="JSON results path")
+    ap.add_argument("--group-size", type=int, default=128)
+    ap.add_argument("--sweep", action="store_true", help="also time the candidate configurations")
+    ap.add_argument("--no-prefill", action="store_true")
+    ap.add_argument("--ncu-target", choices=["gemv1", "mma8"], help="only run one kernel a few times (for ncu)")
+    args = ap.parse_args()
+    g = args.group_size
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    props = torch.cuda.get_device_properties(0)
+    sms = props.multi_processor_count
+    t0 = time.time()
+    if args.ncu_target:
+        return ncu_target(args.ncu_target, g, sms)
+    if not args.out:
+        ap.error("--out is required")
+    bw = copy_bandwidth()
+    read_bw = read_bandwidth()
+    print(f"device {props.name}, {sms} SMs; copy bandwidth (read + write) {bw:.0f} GB/s; "
+          f"read-only (sum) {read_bw:.0f} GB/s", flush=True)
+    result = dict(device=props.name, sms=sms, copy_gbps=bw, read_gbps=read_bw, group_size=g, decode=[], prefill=[],
+                  sweep=[], attention=[])
+
+    for name, n, k in SHAPES:
+        wbytes = w4_bytes(1, n, k, g)
+        copies = random_weights(n, k, g, max(2, math.ceil(3 * L2_BYTES / wbytes)), gen)
+        for m in DECODE_M + ([] if args.no_prefill else PREFILL_M):
+            if m not in DECODE_M and name not in PREFILL_SHAPES:
+                continue
+            cfg = w4a16.pick_config(m, n, k, g, sms)
+            if args.sweep and name in SWEEP_SHAPES:
+                for cand in candidates(m, n, k, g, sms):
+                    try:
+                        t = bench_w4a16(m, n, k, g, copies, cand, gen)
+                    except Exception as e:  # a candidate that does not compile is reported, not fatal
+                        print(f"  sweep {name} M={m} {cand}: FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
+                        continue
+                    result["sweep"].append(dict(shape=name, N=n, K=k, M=m, config=cand.__dict__, us=t))
+                    print(f"  sweep {name} M={m} {cand.kind} bm{cand.block_m} bn{cand.block_n} bk{cand.block_k} "
+                          f"split{cand.split_k} w{cand.num_warps} s{cand.num_stages}: {t:.1f} us", flush=True)
+            t = bench_w4a16(m, n, k, g, copies, cfg, gen)
+            nbytes = w4_bytes(m, n, k, g)
+            tc, cbytes = bench_cublas(m, n, k, gen)
+            row = dict(shape=name, N=n, K=k, M=m, config=cfg.__dict__, us=t, bytes=nbytes, gbps=nbytes / t / 1e3,
+                       pct_bw=100 * nbytes / t / 1e3 / bw, cublas_us=tc, cublas_pct_bw=100 * cbytes / tc / 1e3 / bw,
+                       floor_us=nbytes / bw / 1e3)
+            result["decode" if m in DECODE_M else "prefill"].append(row)
+            print(f"{name:11s} M={m:<3d} {cfg.kind:5s} {t:8.1f} us  {row['pct_bw']:5.1f}% bw   cuBLAS fp16 {tc:8.1f} us",
+                  flush=True)
+        del copies
+        torch.cuda.empty_cache()
+        Path(args.out).write_text(json.dumps(result, indent=1))  # partial results survive a timeout
+
+    result["attention"] = bench_attention(gen, bw)
+    result["seconds"] = time.time() - t0
+    Path(args.out).write_text(json.dumps(result, indent=1))
+
+    print(f"\ncopy bandwidth {bw:.0f} GB/s (read + write), read-only {read_bw:.0f} GB/s; W4A16 group size {g}; "
+          "times are CUDA-graph medians; %bw = bytes / time / copy bandwidth")
+    print(f"{'shape':11s} {'N':>6s} {'K':>6s} | " + " | ".join(f"M={m}: us   %bw" for m in DECODE_M) + " | cuBLAS M=1 %bw")
+    for name, n, k in SHAPES:
+        rows = {r["M"]: r for r in result["decode"] if r["shape"] == name}
+        cells = " | ".join(f"{rows[m]['us']:7.1f} {rows[m]['pct_bw']:5.1f}" for m in DECODE_M)
+        print(f"{name:11s} {n:6d} {k:6d} | {cells} | {rows[1]['cublas_pct_bw']:5.1f}")
+    if result["prefill"]:
+        print("prefill:", "; ".join(f"{r['shape']} M={r['M']} {r['config']['kind']} {r['us']:.0f} us "
+                                    f"(cuBLAS fp16 {r['cublas_us']:.0f})" for r in result["prefill"]))
+    print("attention:", "; ".join(f"B={r['B']} D={r['D']} S={r['seq_len']}/{r['S_max']} {r['us']:.1f} us "
+                                  f"{r['pct_bw']:.0f}%" for r in result["attention"]))
+
+
+if __name__ == "__main__":
+    main()
