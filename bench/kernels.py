@@ -1,13 +1,15 @@
 """Microbenchmark of the decode kernels: W4A16 linear and decode attention.
 
     PYTHONPATH=runtime python3 bench/kernels.py --out kernels.json [--sweep]
+    ncu ... python3 bench/kernels.py --ncu-target gemv1   # one kernel, a few launches
 
 First measures device-to-device copy bandwidth (bytes read + written), the ceiling every
 kernel here is held to. Then, for each weight shape and M, the W4A16 time and its share of
 that bandwidth (bytes = qweight + scales + zeros + x + out), beside cuBLAS on the same
-shape with fp16 weights. Times are medians of CUDA-graph replays (as the engine runs
-decode), each replay cycling through enough weight copies that L2 (50 MB on an H100)
-cannot serve them. --sweep also times the candidate configurations the fixed table in
+shape with fp16 weights. A read-only reduction gives the read ceiling as well (cuBLAS GEMV
+reads faster than the copy's read + write figure). Times are medians of CUDA-graph
+replays (as the engine runs decode), each replay cycling through enough weight copies
+that L2 (50 MB on an H100) cannot serve them. --sweep also times the candidate configurations the fixed table in
 w4a16.pick_config was chosen from. Prints a table last, writes everything as JSON.
 """
 

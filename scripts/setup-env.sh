@@ -33,3 +33,9 @@ if [[ ! -f $stamp || setup.cfg -nt $stamp ]]; then
     .venv/bin/pip install -q -e '.[test]'
     touch "$stamp"
 fi
+
+# The gRPC message code is generated from proto/, never edited by hand or committed.
+if [[ -n $(find proto -name '*.proto' -newer runtime/edgellm/v1/__init__.py 2>/dev/null) ]] \
+        || ! ls runtime/edgellm/v1/*_pb2.py >/dev/null 2>&1; then
+    bash scripts/gen-proto.sh
+fi

@@ -237,6 +237,7 @@ CASES = {
 @pytest.mark.parametrize("case", list(CASES))
 def test_refusal_has_its_own_reason_and_leaves_the_store_untouched(case, live, demo_engine, keys, cpu_device, tmp_path):
     craft, options, reason = CASES[case]
+    options = dict(options)
     work = tmp_path / "craft"
     work.mkdir()
     bundle = craft(demo_engine, work, keys)
@@ -385,7 +386,7 @@ def test_store_lock_is_exclusive(live):
 
 
 def test_crash_hooks_are_known_stages():
-    assert hooks.STAGES == ("upload", "staging", "verified", "committed", "pointers")
+    assert hooks.STAGES == ("upload", "staging", "verified", "committed", "pointers", "activated")
 
 
 # ---- identity and imports -----------------------------------------------------------------

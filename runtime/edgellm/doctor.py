@@ -17,6 +17,7 @@ import grp
 import importlib.metadata
 import importlib.util
 import json
+import logging
 import os
 import platform
 import pwd
@@ -82,6 +83,16 @@ class Settings:
     socket_group: str = ""
 
 
+@dataclasses.dataclass
+class CurrentEngine:
+    """The engine the daemon would serve: the store's current version, or a fixed directory."""
+
+    manifest: Any  # edgellm.engine.manifest.Manifest
+    engine_dir: Path
+    version: int | None = None  # None: a fixed engine directory, not from a store
+    version_dir: Path | None = None  # holds statement.json and signature
+
+
 class Doctor:
     def __init__(self, args: argparse.Namespace):
         self.args = args
@@ -89,7 +100,7 @@ class Doctor:
         self.user = args.user
         self._identity: Any = None
         self._identity_error = ""
-        self._current: Any = None  # (version, engine_dir, manifest) of the engine to serve
+        self._current: CurrentEngine | None = None  # set by check_engine_store
 
     # ---- shared facts ---------------------------------------------------------------------
     def identity(self):
@@ -166,9 +177,12 @@ class Doctor:
     def check_config(self) -> Check:
         s = self.settings
         if s.config_error:
-            return Check("config", FAIL, s.config_error,
-                         f"fix {s.config_path} (the packaged original is documented in "
-                         "/usr/share/doc/edgellm/operations.md), then: sudo systemctl restart edgellm")
+            if not s.config_path.exists():
+                fix = ("restore the packaged one: sudo apt-get install --reinstall -o Dpkg::Options::=--force-confmiss "
+                       "edgellm (or pass --config PATH)")
+            else:
+                fix = f"edit {s.config_path} (every key is explained in the packaged file), then: sudo systemctl restart edgellm"
+            return Check("config", FAIL, s.config_error, fix)
         source = f"store {s.store}" if s.store else f"engine {s.engine}"
         return Check("config", OK, f"{s.config_path} is valid; serves {source}, listens on {s.listen}")
 
@@ -177,6 +191,9 @@ class Doctor:
         if ident is None:
             return Check("gpu", FAIL, f"the CUDA driver could not describe the GPU: {self._identity_error}",
                          "check the driver with nvidia-smi (Jetson: sudo tegrastats) and dmesg | grep -i nv")
+        if ident.is_cpu and importlib.util.find_spec("cuda") is None:
+            return Check("gpu", FAIL, "cannot ask the CUDA driver: cuda-python is not installed",
+                         "install cuda-python into the system Python (the full-wheelhouse package bundles it)")
         if ident.is_cpu:
             return Check("gpu", FAIL, f"no CUDA GPU visible ({ident.detail})",
                          "load the NVIDIA driver (nvidia-smi must list the GPU; Jetson: JetPack's L4T "
@@ -241,7 +258,7 @@ class Doctor:
         if current is None:
             return Check("engine-store", FAIL, f"{root} holds no current engine (a fresh device): the daemon "
                          "answers UNAVAILABLE until one is pushed",
-                         "build, sign and push one: edgellm push --target unix:///run/edgellm/admin.sock ENGINE.bundle")
+                         "build, sign and push one: sudo edgellm push ENGINE.bundle (docs/operations.md)")
         version, vdir = current
         from edgellm.engine.manifest import read_manifest
 
@@ -249,8 +266,8 @@ class Doctor:
             manifest = read_manifest(vdir / "engine")
         except EdgeLLMError as e:
             return Check("engine-store", FAIL, f"current version {version}: {e}",
-                         "roll back (edgellm rollback --target unix:///run/edgellm/admin.sock) or push the engine again")
-        self._current = (version, vdir, manifest)
+                         "roll back (sudo edgellm rollback) or push the engine again")
+        self._current = CurrentEngine(manifest, vdir / "engine", version, vdir)
         return Check("engine-store", OK, f"{root}: current version {version} ({manifest.engine_id}, "
                      f"{manifest.quantization.get('scheme')}, max batch {manifest.max_batch}, "
                      f"max seq len {manifest.max_seq_len}, SM {', '.join(manifest.target_sms)})")
@@ -264,7 +281,7 @@ class Doctor:
             return Check("engine-store", FAIL, f"cannot read {engine_dir} as {current_user()}", "run: sudo edgellm doctor")
         except EdgeLLMError as e:
             return Check("engine-store", FAIL, str(e), "point [engine] path at an engine directory, or use [engine] store")
-        self._current = (None, None, manifest, engine_dir)
+        self._current = CurrentEngine(manifest, engine_dir)
         return Check("engine-store", OK, f"engine directory {engine_dir} ({manifest.engine_id}; not from a "
                      "store, so not signature-checked)")
 
@@ -284,9 +301,9 @@ class Doctor:
             return Check("trust", FAIL, f"{trust_dir} holds no usable *.pub key: every update will be refused",
                          f"copy the fleet's public key there: sudo install -m 0644 fleet.pub {trust_dir}/")
         keys = f"{len(trust)} trusted key(s) in {trust_dir}"
-        if self._current is None or self._current[0] is None:
+        if self._current is None or self._current.version_dir is None:
             return Check("trust", OK, keys)
-        version, vdir, manifest = self._current
+        version, vdir = self._current.version, self._current.version_dir
         statement_bytes = (vdir / "statement.json").read_bytes()
         sig_path = vdir / "signature"
         signature_bytes = sig_path.read_bytes() if sig_path.exists() else None
@@ -312,8 +329,7 @@ class Doctor:
     def check_engine_files(self) -> Check:
         if self._current is None:
             return Check("engine-files", SKIP, "no engine to check (see engine-store)")
-        manifest = self._current[2]
-        engine_dir = self._current[3] if self._current[0] is None else self._current[1] / "engine"
+        manifest, engine_dir = self._current.manifest, self._current.engine_dir
         size = sum(int(f["size"]) for f in manifest.files.values())
         if self.args.no_hash:
             return Check("engine-files", SKIP, f"{len(manifest.files)} files, {size / GIB:.2f} GiB: hashing skipped (--no-hash)")
@@ -329,7 +345,7 @@ class Doctor:
     def check_engine_fit(self) -> Check:
         if self._current is None:
             return Check("engine-fit", SKIP, "no engine to check (see engine-store)")
-        manifest = self._current[2]
+        manifest = self._current.manifest
         ident = self.identity()
         problems = []
         from edgellm.engine.manifest import CPU_TARGET, parse_version
@@ -358,7 +374,7 @@ class Doctor:
         detail = f"{free / GIB:.1f} of {total / GIB:.1f} GiB free"
         if self._current is None:
             return Check("gpu-memory", OK, detail + " (no engine to size against)")
-        need = engine_memory_bytes(self._current[2]) + GPU_OVERHEAD_BYTES
+        need = engine_memory_bytes(self._current.manifest) + GPU_OVERHEAD_BYTES
         detail += f"; the engine needs ~{need / GIB:.1f} GiB (weights + KV cache + CUDA overhead)"
         if daemon_listening(self.settings.listen):
             # The daemon's engine is already resident: what is free is the hot-swap headroom.
@@ -380,12 +396,11 @@ class Doctor:
             return Check("service-user", FAIL, f"user {self.user} does not exist",
                          "the package creates it: sudo systemd-sysusers edgellm.conf (or reinstall edgellm)")
         groups = user_groups(pw)
-        names = sorted(group_name(g) for g in groups)
-        missing = [g for g in (CLIENT_GROUP,) if not group_exists(g) or grp.getgrnam(g).gr_gid not in groups]
-        detail = f"{self.user} (uid {pw.pw_uid}) in groups {', '.join(names)}"
-        if missing:
-            return Check("service-user", FAIL, f"{detail}; not in {', '.join(missing)}, so it cannot give the "
-                         "kiosk socket that group", f"sudo usermod -aG {','.join(missing)} {self.user}")
+        detail = f"{self.user} (uid {pw.pw_uid}) in groups {', '.join(sorted(group_name(g) for g in groups))}"
+        group = self.settings.socket_group
+        if group and group_exists(group) and grp.getgrnam(group).gr_gid not in groups:
+            return Check("service-user", FAIL, f"{detail}; not in {group}, so the daemon cannot give the kiosk "
+                         "socket that group and will not start", f"sudo usermod -aG {group} {self.user}")
         return Check("service-user", OK, detail)
 
     def check_gpu_access(self) -> Check:
@@ -417,9 +432,14 @@ class Doctor:
 
     def check_sockets(self) -> Check:
         s = self.settings
-        problems, seen = [], []
         group = s.socket_group
-        for address, want_group in ((s.listen, group), (s.admin_listen, None)):
+        restart = "sudo systemctl restart edgellm (the daemon recreates its sockets)"
+        problems: list[tuple[str, str]] = []  # (what is wrong, what to do)
+        if group and not group_exists(group):
+            problems.append((f"socket_group {group} does not exist",
+                             "the package creates it: sudo systemd-sysusers edgellm.conf"))
+        seen = []
+        for address, kiosk in ((s.listen, True), (s.admin_listen, False)):
             if not address or not address.startswith("unix:"):
                 continue
             path = unix_path(address)
@@ -428,35 +448,31 @@ class Doctor:
             except FileNotFoundError:
                 continue
             except PermissionError:
-                problems.append(f"cannot inspect {path} as {current_user()}")
+                problems.append((f"cannot inspect {path} as {current_user()}", "run: sudo edgellm doctor"))
                 continue
             seen.append(path)
             mode = stat.S_IMODE(st.st_mode)
             if not stat.S_ISSOCK(st.st_mode):
-                problems.append(f"{path} is not a socket")
-            elif want_group is None and mode & 0o077:
-                problems.append(f"admin socket {path} is {oct(mode)}, not 0600: others could install engines")
-            elif want_group is not None:
-                if mode & 0o007:
-                    problems.append(f"{path} is {oct(mode)}: open to every local user")
-                if want_group and group_name(st.st_gid) != want_group:
-                    problems.append(f"{path} has group {group_name(st.st_gid)}, config says {want_group}")
-                if want_group and mode & 0o060 != 0o060:
-                    problems.append(f"{path} is {oct(mode)}: group {want_group} cannot connect")
-        if group and not group_exists(group):
-            problems.append(f"socket_group {group} does not exist")
+                problems.append((f"{path} is not a socket", f"remove it, then {restart}"))
+            elif not kiosk and mode & 0o077:
+                problems.append((f"admin socket {path} is {mode:04o}, not 0600: other users could install engines",
+                                 restart))
+            elif kiosk and mode & 0o007:
+                problems.append((f"{path} is {mode:04o}: open to every local user", restart))
+            elif kiosk and group and (group_name(st.st_gid) != group or mode & 0o060 != 0o060):
+                problems.append((f"{path} is {mode:04o} group {group_name(st.st_gid)}; the config says 0660 group "
+                                 f"{group}", restart))
         if problems:
-            return Check("sockets", FAIL, "; ".join(problems),
-                         "restart the daemon so it recreates the sockets (sudo systemctl restart edgellm); "
-                         f"kiosk apps join the group with: sudo usermod -aG {group or CLIENT_GROUP} APPUSER")
+            return Check("sockets", FAIL, "; ".join(p for p, _ in problems), "; ".join(dict.fromkeys(f for _, f in problems)))
         if not seen:
             return Check("sockets", WARN, f"no socket at {unix_path(s.listen)}: the daemon is not running",
                          "sudo systemctl start edgellm; if it does not stay up: journalctl -u edgellm -b")
         if not group:
-            return Check("sockets", WARN, f"{', '.join(map(str, seen))} present, but [server] socket_group is "
-                         "not set: only the daemon's own group can use the kiosk socket",
+            return Check("sockets", WARN, f"{', '.join(map(str, seen))}: [server] socket_group is not set, so "
+                         "only the daemon's own group can use the kiosk socket",
                          f'set socket_group = "{CLIENT_GROUP}" in {s.config_path}')
-        return Check("sockets", OK, f"{', '.join(map(str, seen))}: kiosk socket 0660 group {group}, admin socket 0600")
+        return Check("sockets", OK, f"{', '.join(map(str, seen))}: kiosk socket 0660 group {group}, admin socket 0600; "
+                     f"kiosk apps join with: sudo usermod -aG {group} APPUSER")
 
     def check_service(self) -> Check:
         if not Path("/run/systemd/system").is_dir() or shutil.which("systemctl") is None:
@@ -492,7 +508,13 @@ def load_settings(config_path: Path, store: Path | None, trust_dir: Path | None)
         s.config = config
         s.store, s.engine = config.store, config.engine
         s.listen, s.admin_listen, s.socket_group = config.listen, config.admin_listen, config.socket_group
-        s.trust_dir = Path(config.updates.get("trust_dir", DEFAULT_TRUST_DIR))
+        if config.store is not None:
+            # The [updates] table is read by the engine-update part; check it the same way.
+            from edgellm.ota.daemon import UpdateSettings
+
+            updates = UpdateSettings.from_table(config.updates)
+            updates.check()
+            s.trust_dir = updates.trust_dir
     except ImportError as e:
         s.config_error = f"cannot read the config: {e}"
     except EdgeLLMError as e:
@@ -674,6 +696,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
+    # The ota modules log warnings (e.g. an empty trust store) that the checks already report.
+    logging.getLogger("edgellm").addHandler(logging.NullHandler())
     results = Doctor(args).run()
     failed = [c for c in results if c.status == FAIL]
     if args.json:

@@ -208,10 +208,13 @@ class BundleReader:
                 continue
             rel = name[len(prefix):]
             target = dest / rel
-            target.parent.mkdir(parents=True, exist_ok=True)
             src = self._tar.extractfile(member)
             assert src is not None
-            fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+            try:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+            except (FileExistsError, NotADirectoryError) as e:
+                raise MalformedBundle(f"entry {name!r} collides with another entry ({e.strerror}); refused") from None
             with os.fdopen(fd, "wb") as out:
                 left = member.size
                 while left:

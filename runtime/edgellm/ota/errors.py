@@ -124,6 +124,12 @@ class SwapFailed(UpdateRejected):
     reason = "swap-failed"
 
 
+class InstallFailed(UpdateRejected):
+    """The device could not write the store (I/O error): nothing was switched."""
+
+    reason = "install-failed"
+
+
 def all_reasons() -> dict[str, type[UpdateRejected]]:
     """reason string -> class, for clients that turn a reason back into an exception."""
     found: dict[str, type[UpdateRejected]] = {}

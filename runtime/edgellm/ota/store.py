@@ -56,7 +56,7 @@ class EngineStore:
     def __init__(self, root: Path, keep: int = DEFAULT_KEEP):
         if keep < 2:
             raise ConfigError(f"the store must keep at least 2 versions (current and previous), got {keep}")
-        self.root = Path(root)
+        self.root = Path(root).absolute()
         self.keep = keep
         self._lock_fd: int | None = None
         for sub in (self.root, self.root / VERSIONS, self.root / STAGING):

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import hashlib
 import os
 import shutil
@@ -26,7 +27,7 @@ from typing import Iterable, Iterator, Protocol
 
 from edgellm.ota import hooks
 from edgellm.ota.audit import AuditLog
-from edgellm.ota.errors import Busy, NoPrevious, NoSpace, UpdateRejected, UploadSizeMismatch
+from edgellm.ota.errors import Busy, InstallFailed, NoPrevious, NoSpace, UpdateRejected, UploadSizeMismatch
 from edgellm.ota.store import EngineStore, VersionInfo
 from edgellm.ota.verify import Verified, Verifier
 
@@ -56,7 +57,8 @@ class Updater:
         self._busy = threading.Lock()
 
     @contextlib.contextmanager
-    def _exclusive(self, what: str) -> Iterator[None]:
+    def exclusive(self, what: str) -> Iterator[None]:
+        """Hold the updater for one operation; a concurrent one is refused as busy."""
         if not self._busy.acquire(blocking=False):
             raise Busy(f"another update is in progress; retry the {what} when it has finished")
         try:
@@ -70,7 +72,7 @@ class Updater:
 
     # ---- push ---------------------------------------------------------------------------
     def push(self, size: int, sha256: str, chunks: Iterable[bytes], activate: bool = True, peer: str | None = None) -> PushResult:
-        with self._exclusive("push"):
+        with self.exclusive("push"):
             self.audit.record("received", size=size, sha256=sha256, peer=peer)
             bundle = None
             try:
@@ -93,6 +95,10 @@ class Updater:
                         # It failed on this device: keeping it would only invite activating it again.
                         self.store.remove(version)
                         raise
+            except OSError as e:
+                error = _io_error(e)
+                self.audit.record("rejected", reason=error.reason, message=error.detail, sha256=sha256, peer=peer)
+                raise error from e
             except UpdateRejected as e:
                 self.audit.record("rejected", reason=e.reason, message=e.detail, sha256=sha256, peer=peer)
                 raise
@@ -129,7 +135,7 @@ class Updater:
 
     def install_file(self, bundle_path: Path) -> Verified:
         """Verify and commit a bundle already on this machine (no switch, no pointer move)."""
-        with self._exclusive("install"):
+        with self.exclusive("install"):
             try:
                 verified = self.verifier.verify_bundle(
                     bundle_path, self.store.new_work_path("install"), self.store.current_version()
@@ -145,7 +151,7 @@ class Updater:
     # ---- activate / rollback ------------------------------------------------------------
     def activate(self, version: int) -> tuple[VersionInfo, str]:
         """Returns the now-current version and the swap mode."""
-        with self._exclusive("activation"):
+        with self.exclusive("activation"):
             try:
                 self.store.describe(version)  # UnknownVersion
                 verified = self.verifier.verify_installed(self.store.version_dir(version), self.store.current_version())
@@ -156,7 +162,7 @@ class Updater:
             return self.store.describe(version), swap_mode
 
     def rollback(self, automatic: bool = False, why: str | None = None) -> VersionInfo:
-        with self._exclusive("rollback"):
+        with self.exclusive("rollback"):
             from_version = self.store.current_version()
             try:
                 previous = self.store.previous_version()
@@ -178,8 +184,18 @@ class Updater:
         if self.switcher is not None:
             swap_mode = self.switcher.switch_to(self.store.engine_dir(version), version, engine_id)
         self.store.activate(version)
+        hooks.stage("activated")
         self.audit.record("activated", version=version, engine_id=engine_id, from_version=from_version, swap_mode=swap_mode or None)
         pruned = self.store.prune()
         if pruned:
             self.audit.record("pruned", versions=pruned)
+        activated = getattr(self.switcher, "activated", None)
+        if activated is not None:
+            activated(version)  # e.g. the daemon's health watch, which may roll back on its own
         return swap_mode
+
+
+def _io_error(e: OSError) -> UpdateRejected:
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return NoSpace(f"the engine store ran out of space while installing ({e}); free space or keep fewer versions")
+    return InstallFailed(f"the engine store could not be written ({e}); check the disk and the store's permissions")

@@ -98,7 +98,8 @@ class Verifier:
     def verify_bundle(self, bundle_path: Path, stage_dir: Path, current_version: int | None) -> Verified:
         """Run steps size..expiry on a complete bundle file; unpack it into stage_dir (which
         must not exist). On failure stage_dir is removed and the exception propagates."""
-        bundle_path = Path(bundle_path)
+        bundle_path, stage_dir = Path(bundle_path), Path(stage_dir)
+        created = False
         try:
             self.check_size(bundle_path)
             with BundleReader.open(bundle_path, self.policy.limits) as reader:
@@ -109,8 +110,8 @@ class Verifier:
                 assert manifest_bytes is not None and statement_bytes is not None  # required by open()
                 statement, kid, manifest = self.check_signature(statement_bytes, signature_bytes, manifest_bytes)
                 self.check_listed_files(manifest, reader.engine_files())
-                stage_dir = Path(stage_dir)
                 stage_dir.mkdir(mode=0o755)
+                created = True
                 reader.extract_engine(stage_dir / ENGINE_SUBDIR, on_file=lambda _rel: hooks.stage("staging"))
                 (stage_dir / STATEMENT_NAME).write_bytes(statement_bytes)
                 if signature_bytes is not None:
@@ -118,7 +119,8 @@ class Verifier:
             self.check_file_hashes(stage_dir / ENGINE_SUBDIR, manifest)
             self.check_fit(statement, manifest, current_version)
         except BaseException:
-            shutil.rmtree(stage_dir, ignore_errors=True)
+            if created:
+                shutil.rmtree(stage_dir, ignore_errors=True)
             raise
         return Verified(statement, manifest, kid, stage_dir)
 

@@ -499,12 +499,15 @@ class Scheduler:
             self._retire()
 
     def _stall_if_asked(self) -> None:
-        if not self.debug_stall_file:
+        if not self.debug_stall_file or not os.path.exists(self.debug_stall_file):
             return
-        while os.path.exists(self.debug_stall_file):
+        with self._lock:
             self.stalled = True
+            self._wake.notify_all()
+        while os.path.exists(self.debug_stall_file):
             time.sleep(0.05)
-        self.stalled = False
+        with self._lock:
+            self.stalled = False
 
     def _admit_locked(self) -> list[tuple[EngineSlots, Request]]:
         now = time.monotonic()

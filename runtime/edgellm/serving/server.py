@@ -69,6 +69,7 @@ class Daemon:
         self._sockets: list[Path] = []
         self._metrics_server: MetricsServer | None = None
         self._gpu: GpuReader | None = None
+        self.tcp_ports: dict[str, int] = {}  # "kiosk"/"admin" -> bound TCP port (port 0 picks one)
 
     # ---- wiring -----------------------------------------------------------------------
     def add_admin_service(self, add: Callable[[grpc.Server], str]) -> None:
@@ -103,11 +104,11 @@ class Daemon:
         if cfg.listen:
             self._bind_unix(kiosk, cfg.listen, KIOSK_SOCKET_MODE, cfg.socket_group)
         if cfg.tcp_listen:
-            self._bind_tcp(kiosk, cfg.tcp_listen, mutual=False)
+            self._bind_tcp(kiosk, cfg.tcp_listen, "kiosk")
         if cfg.admin_listen:
             self._bind_unix(admin, cfg.admin_listen, ADMIN_SOCKET_MODE, "")
         if cfg.admin_tcp_listen:
-            self._bind_tcp(admin, cfg.admin_tcp_listen, mutual=True)
+            self._bind_tcp(admin, cfg.admin_tcp_listen, "admin")
         kiosk.start()
         admin.start()
         self._servers = [kiosk, admin]
@@ -142,7 +143,7 @@ class Daemon:
         self._sockets.append(path)
         log.info("listening on unix:%s (mode %o)", path, mode)
 
-    def _bind_tcp(self, server: grpc.Server, address: str, mutual: bool) -> None:
+    def _bind_tcp(self, server: grpc.Server, address: str, role: str) -> None:
         cfg = self.config
         host, _ = split_host_port(address)
         if cfg.tls_cert is None:
@@ -155,23 +156,29 @@ class Daemon:
                 [(cfg.tls_key.read_bytes(), cfg.tls_cert.read_bytes())], root_certificates=ca,
                 require_client_auth=ca is not None,
             )
-            if mutual and ca is None:
+            if role == "admin" and ca is None:
                 raise ConfigError(f"{address} serves the admin API: it needs mutual TLS ([tls] client_ca)")
             port = server.add_secure_port(address, creds)
         if port == 0:
             raise ConfigError(f"cannot listen on {address}: the port is in use or the address is not this host's")
+        self.tcp_ports[role] = port
         log.info("listening on %s (%s)", address, "mutual TLS" if cfg.tls_client_ca else "TLS" if cfg.tls_cert else "plaintext")
 
     # ---- engine -----------------------------------------------------------------------
     def load_engine(self, engine_dir: Path, version: int = 0) -> None:
         from edgellm.engine.runner import Engine
 
-        self.notifier.status(f"loading engine {engine_dir}")
+        self.status(f"loading engine {engine_dir}")
         engine = Engine.load(engine_dir, device=self.config.device, verify=self.config.verify,
-                             progress=lambda msg: self.notifier.status(f"loading engine: {msg}"))
-        self.notifier.status(f"warming up engine {engine.engine_id} on {engine.device}")
+                             progress=lambda msg: self.status(f"loading engine: {msg}"))
+        self.status(f"warming up engine {engine.engine_id} on {engine.device}")
         engine.warm_up()
         self.install_engine(engine, version)
+
+    def status(self, line: str) -> None:
+        """What the daemon is doing, for the log and `systemctl status`."""
+        log.info("%s", line)
+        self.notifier.status(line)
 
     def install_engine(self, engine, version: int = 0) -> None:
         """First engine (warm); swaps go through self.scheduler.swap_engine."""

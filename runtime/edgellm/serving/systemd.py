@@ -55,7 +55,6 @@ class Notifier:
         self.notify("READY=1", f"STATUS={status}")
 
     def status(self, status: str) -> None:
-        log.info("%s", status)
         self.notify(f"STATUS={status}")
 
     def stopping(self, status: str) -> None:

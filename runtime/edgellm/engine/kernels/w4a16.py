@@ -8,13 +8,14 @@ kernels therefore dequantize in PTX with the fp16 "magic number" trick (0x6400 |
 fp16 1024 + q, so one LOP3 turns two nibbles into two fp16 values; integer-to-float
 conversions would cost more and run at a quarter rate):
 
-* `gemv` (CUDA cores, M <= 4): per packed word, the 8 weights are dequantized and
+* `gemv` (CUDA cores, M <= 2, up to 4): per packed word, the 8 weights are dequantized and
   multiplied by x in f16x2 arithmetic, the 8 products summed in fp16 (as ExLlama does) and
-  the word's sum added to an fp32 accumulator. No data leaves the registers.
-* `mma` (tensor cores, any M): the weight tile is the A operand of out^T = W @ x^T, so M up
-  to 16 rides in one mma N-slot. Nibbles t and t + 4 of a word share a register after the
-  LOP3, so the tile's K axis is laid out in that order and x's K axis is permuted to match
-  (a dot product does not care about the order of its terms); that saves repacking.
+  the word's sum added to an fp32 accumulator. Nothing leaves the registers. Each extra
+  row of x costs ~1.4 instructions per weight, so this kernel serves M <= 2.
+* `mma` (tensor cores): the dequantized tile is the A operand of out^T = W @ x^T, so up to
+  16 rows of x ride in one MMA N-slot at no extra cost. When a K tile lies inside one
+  quantization group, the tile holds q - zero exactly and the scale multiplies the
+  tile's partial dot product instead of every weight.
 
 Both split K over programs when N alone gives too few tiles. Split-K partial sums meet in a
 per-device fp32 workspace; the last program of each output tile (an atomic ticket) writes
@@ -22,7 +23,7 @@ the fp16 result and zeroes the workspace and its ticket again, so one launch doe
 linear, nothing is allocated per call but the output, and the call is CUDA-graph
 capturable. Calls sharing a device must therefore not overlap on two streams.
 
-Prefill (large M) may instead dequantize to fp16 and call cuBLAS (`dense`).
+Prefill with large M dequantizes to fp16 once and calls cuBLAS (`dense`).
 
 Configurations come from a fixed table measured offline with bench/kernels.py (see
 docs/dev/kernels-notes.md): nothing is tuned at start-up.
@@ -68,12 +69,14 @@ def _split_for(n_tiles: int, iters: int, num_sms: int, min_iters: int = 2, waves
 
 
 def pick_config(m: int, n: int, k: int, group_size: int, num_sms: int = 132) -> W4A16Config:
-    """The fixed configuration table (measurements in docs/dev/kernels-notes.md).
+    """The fixed configuration table, from bench/kernels.py --sweep on an H100
+    (docs/dev/kernels-notes.md has the numbers).
 
     M <= 2: the CUDA-core gemv, K split until ~4 programs per SM. M <= 16: the tensor-core
-    kernel, ~2 programs per SM. M <= 256: tensor cores with large tiles. Beyond that,
-    dequantizing to fp16 once and calling cuBLAS is faster (it costs an fp16 copy of the
-    weight for the duration of the call).
+    kernel, ~2 programs per SM (its extra rows are free, the gemv's are not). Up to M = 256:
+    tensor cores with 128 x 128 tiles when those alone fill the GPU, 64 x 64 otherwise.
+    Beyond that, dequantizing to fp16 and calling cuBLAS wins (at the cost of an fp16 copy
+    of the weight for the duration of the call).
     """
     if m <= 2:
         return W4A16Config("gemv", block_m=m, block_n=64, block_k=128,
@@ -82,7 +85,9 @@ def pick_config(m: int, n: int, k: int, group_size: int, num_sms: int = 132) -> 
         return W4A16Config("mma", block_m=16, block_n=64, block_k=128,
                            split_k=_split_for(cdiv(n, 64), cdiv(k, 128), num_sms, waves=2), num_warps=4, num_stages=3)
     if m <= 256:
-        return W4A16Config("mma", block_m=128, block_n=128, block_k=64, split_k=1, num_warps=8, num_stages=3)
+        if cdiv(n, 128) * cdiv(m, 128) >= num_sms:
+            return W4A16Config("mma", block_m=128, block_n=128, block_k=64, split_k=1, num_warps=8, num_stages=3)
+        return W4A16Config("mma", block_m=64, block_n=64, block_k=128, split_k=1, num_warps=4, num_stages=3)
     return W4A16Config("dense")
 
 

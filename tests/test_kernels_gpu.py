@@ -1,0 +1,219 @@
+"""GPU kernels against float32 references: W4A16 linear, dequantization, decode attention,
+and CUDA-graph capture/replay of both.
+
+Error thresholds (relative Frobenius error, ||out - ref|| / ||ref||):
+* The tensor-core path rounds each dequantized weight to fp16 (as an fp16 model would,
+  ~2^-12 relative each, averaging out over K) and the result to fp16 (~2^-12): ~3e-4.
+* The CUDA-core gemv path (M = 1) also rounds the weight * x products and their sums of 8
+  to fp16 before accumulating in fp32: ~1e-3.
+* Decode attention: fp16 probabilities into the P @ V product: ~1e-3.
+A wrong group, nibble or row gives errors of order 1, so 5e-3 separates bugs from rounding
+with room to spare. NaN never passes (the comparison with NaN is False), and outputs are
+poisoned with NaN before each run so that an unwritten element fails.
+"""
+
+import math
+
+import pytest
+import torch
+
+from edgellm.engine import kernels, quant
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available() or not kernels.available(), reason="needs CUDA and Triton"),
+]
+
+REL_TOL = 5e-3
+_quantized: dict = {}
+
+
+def _weights(n: int, k: int, g: int, seed: int = 0) -> quant.QuantizedWeight:
+    """Random weights quantized on the CPU (quant.quantize), moved to the GPU; cached per shape."""
+    key = (n, k, g, seed)
+    if key not in _quantized:
+        gen = torch.Generator().manual_seed(seed)
+        w = torch.randn(n, k, generator=gen) * 0.02
+        qw = quant.quantize(w, g)
+        _quantized[key] = quant.QuantizedWeight(qw.qweight.cuda(), qw.scales.cuda(), qw.zeros.cuda(), g)
+    return _quantized[key]
+
+
+def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out.float() - ref).norm() / ref.norm()).item()
+
+
+def _poisoned(*shape) -> torch.Tensor:
+    return torch.full(shape, float("nan"), dtype=torch.float16, device="cuda")
+
+
+@pytest.mark.parametrize(
+    "n,k,g",
+    [(6144, 2048, 128), (2048, 8192, 128), (4096, 4096, 64), (2048, 2048, 32), (1000, 4096, 128), (3000, 1536, 64)],
+)
+@pytest.mark.parametrize("m", [1, 2, 3, 5, 8, 16, 77, 512])
+def test_w4a16_matches_dequantized_reference(n, k, g, m):
+    from edgellm.engine.kernels.w4a16 import w4a16_linear
+
+    qw = _weights(n, k, g)
+    w_ref = qw.dequantize(torch.float32)
+    torch.manual_seed(1000 * m + n)
+    bias = torch.randn(n, device="cuda").half() if n % 3 == 0 else None
+    for trial in range(2):  # fresh inputs each time; the second call also reuses the split-K workspace
+        x = torch.randn(m, k, device="cuda").half()
+        ref = x.float() @ w_ref.t()
+        if bias is not None:
+            ref += bias.float()
+        out = _poisoned(m, n)
+        w4a16_linear(x, qw.qweight, qw.scales, qw.zeros, g, bias, out=out)
+        err = _rel_err(out, ref)
+        print(f"w4a16 M={m} N={n} K={k} G={g} bias={bias is not None} trial={trial}: rel err {err:.2e}")
+        assert torch.isfinite(out).all(), "unwritten or non-finite output"
+        assert err < REL_TOL
+
+
+@pytest.mark.parametrize("kind,m", [("gemv", 1), ("gemv", 2), ("gemv", 3), ("mma", 1), ("mma", 4), ("dense", 77)])
+def test_w4a16_every_kernel_kind(kind, m):
+    """Each kernel the config table can pick, forced, incl. split-K on a ragged N."""
+    from edgellm.engine.kernels.w4a16 import W4A16Config, w4a16_linear
+
+    n, k, g = 1000, 2048, 64
+    qw = _weights(n, k, g, seed=1)
+    x = torch.randn(m, k, device="cuda").half()
+    ref = x.float() @ qw.dequantize(torch.float32).t()
+    configs = {
+        "gemv": W4A16Config("gemv", block_m=1 if m == 1 else (2 if m == 2 else 4), block_n=64, block_k=128,
+                            split_k=4, num_stages=1),
+        "mma": W4A16Config("mma", block_m=16, block_n=64, block_k=128, split_k=8),
+        "dense": W4A16Config("dense"),
+    }
+    out = _poisoned(m, n)
+    w4a16_linear(x, qw.qweight, qw.scales, qw.zeros, g, config=configs[kind], out=out)
+    err = _rel_err(out, ref)
+    print(f"w4a16 {kind} M={m}: rel err {err:.2e}")
+    assert torch.isfinite(out).all() and err < REL_TOL
+
+
+def test_split_k_workspace_is_left_clean():
+    from edgellm.engine.kernels import w4a16
+
+    qw = _weights(2048, 8192, 128)
+    x = torch.randn(1, 8192, device="cuda").half()
+    a = w4a16.w4a16_linear(x, qw.qweight, qw.scales, qw.zeros, 128)
+    b = w4a16.w4a16_linear(x, qw.qweight, qw.scales, qw.zeros, 128)
+    torch.cuda.synchronize()
+    acc, tickets = w4a16._workspaces[x.device]
+    assert acc.abs().max().item() == 0 and tickets.abs().max().item() == 0
+    # fp32 atomics add in any order: equal up to a last-bit difference after fp16 rounding
+    torch.testing.assert_close(a, b, rtol=2e-3, atol=1e-4)
+
+
+def test_dequantize_fp16_is_exact():
+    from edgellm.engine.kernels.w4a16 import dequantize_fp16
+
+    for n, k, g in [(6144, 2048, 128), (1000, 4096, 32), (3000, 1536, 64)]:
+        qw = _weights(n, k, g)
+        w = dequantize_fp16(qw.qweight, qw.scales, qw.zeros, g)
+        # (q - zero) * scale is exact in fp32; the kernel rounds it to fp16 once
+        assert torch.equal(w, qw.dequantize(torch.float32).half())
+
+
+def _attention_ref(q, k_cache, v_cache, slot_ids, seq_lens, scale):
+    b, hq, d = q.shape
+    group = hq // k_cache.shape[1]
+    out = torch.zeros(b, hq, d, device=q.device)
+    for i in range(b):
+        n = int(seq_lens[i])
+        if n == 0:
+            continue
+        k = k_cache[slot_ids[i], :, :n].float().repeat_interleave(group, 0)
+        v = v_cache[slot_ids[i], :, :n].float().repeat_interleave(group, 0)
+        out[i] = torch.nn.functional.scaled_dot_product_attention(
+            q[i].float()[:, None], k, v, scale=scale)[:, 0]
+    return out
+
+
+@pytest.mark.parametrize(
+    "hq,hkv,d,s_max,lens",
+    [
+        (32, 32, 64, 256, [1, 200, 256]),  # MHA, one chunk
+        (32, 8, 128, 4096, [4096, 1, 777, 2049]),  # GQA 4, many chunks
+        (32, 4, 64, 8192, [8192, 5000]),  # GQA 8
+        (16, 2, 128, 1024, [1000, 0, 513]),  # an idle slot (seq_len 0) gives zeros
+        (28, 4, 128, 3000, [2999, 64, 65]),  # GQA 7 (Qwen-like), S_max not a power of two
+    ],
+)
+def test_decode_attention_matches_sdpa(hq, hkv, d, s_max, lens):
+    from edgellm.engine.kernels.decode_attention import decode_attention
+
+    torch.manual_seed(s_max + hq)
+    b = len(lens)
+    slots = b + 2
+    k_cache = torch.randn(slots, hkv, s_max, d, device="cuda").half()
+    v_cache = torch.randn(slots, hkv, s_max, d, device="cuda").half()
+    slot_ids = torch.randperm(slots, device="cuda")[:b].to(torch.int32)
+    seq_lens = torch.tensor(lens, dtype=torch.int32, device="cuda")
+    # Garbage beyond seq_len must not be read: fill it with NaN.
+    for i, n in enumerate(lens):
+        k_cache[slot_ids[i], :, n:] = float("nan")
+        v_cache[slot_ids[i], :, n:] = float("nan")
+    q = torch.randn(b, hq, d, device="cuda").half()
+    scale = 1 / math.sqrt(d)
+    out = _poisoned(b, hq, d)
+    decode_attention(q, k_cache, v_cache, slot_ids, seq_lens, scale, out=out)
+    ref = _attention_ref(q, k_cache, v_cache, slot_ids, seq_lens, scale)
+    err = _rel_err(out, ref)
+    print(f"decode_attention Hq={hq} Hkv={hkv} D={d} S_max={s_max} lens={lens}: rel err {err:.2e}")
+    assert torch.isfinite(out).all() and err < REL_TOL
+    for i, n in enumerate(lens):
+        if n == 0:
+            assert out[i].abs().max().item() == 0
+
+
+def test_cuda_graph_replay_matches_eager():
+    from edgellm.engine.kernels.decode_attention import decode_attention
+    from edgellm.engine.kernels.w4a16 import w4a16_linear
+
+    n, k, g = 6144, 2048, 128
+    qw = _weights(n, k, g)
+    hq, hkv, d, s_max, b = 32, 8, 64, 2048, 2
+    k_cache = torch.randn(3, hkv, s_max, d, device="cuda").half()
+    v_cache = torch.randn(3, hkv, s_max, d, device="cuda").half()
+    slot_ids = torch.tensor([2, 0], dtype=torch.int32, device="cuda")
+    seq_lens = torch.tensor([10, 1500], dtype=torch.int32, device="cuda")
+    x1 = torch.randn(1, k, device="cuda").half()  # M = 1: gemv, split-K
+    x4 = torch.randn(4, k, device="cuda").half()  # M = 4: tensor cores
+    q = torch.randn(b, hq, d, device="cuda").half()
+    scale = d ** -0.5
+
+    def step():
+        y1 = w4a16_linear(x1, qw.qweight, qw.scales, qw.zeros, g)
+        y4 = w4a16_linear(x4, qw.qweight, qw.scales, qw.zeros, g)
+        o = decode_attention(q, k_cache, v_cache, slot_ids, seq_lens, scale)
+        return y1, y4, o
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        step()  # warm-up: compile, workspace
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = step()
+
+    for trial in range(3):
+        x1.copy_(torch.randn_like(x1))
+        x4.copy_(torch.randn_like(x4))
+        q.copy_(torch.randn_like(q))
+        seq_lens.copy_(torch.tensor([11 + 700 * trial, 1501 + trial], dtype=torch.int32))
+        for t in outs:
+            t.fill_(float("nan"))
+        graph.replay()
+        eager = step()
+        torch.cuda.synchronize()
+        for name, r, e in zip(("w4a16 M=1", "w4a16 M=4", "attention"), outs, eager):
+            diff = (r.float() - e.float()).abs().max().item()
+            print(f"graph replay {trial} {name}: max |replay - eager| = {diff:.2e}")
+            assert torch.isfinite(r).all()
+            # Split-K sums are fp32 atomics in any order: a last-bit difference after rounding.
+            torch.testing.assert_close(r, e, rtol=2e-3, atol=1e-4)

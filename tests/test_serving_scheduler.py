@@ -1,0 +1,190 @@
+"""The scheduler on its own (no gRPC): chunked prefill gives the same tokens as `edgellm run`,
+and engines swap beside each other or by draining without dropping a stream."""
+
+import json
+import shutil
+import threading
+
+import pytest
+
+from edgellm.engine.generate import generate
+from edgellm.engine.runner import Engine
+from edgellm.engine.sampling import SamplingParams
+from edgellm.serving.scheduler import Chunk, Failure, Prompt, Rejected, Scheduler, SwapError
+
+PROMPTS = ["apple blue", "river window", "kiosk garden lamp", "music stone", "train cloud", "seven apples and a river"]
+
+
+def variant_engine(src, dest, **changes):
+    """A copy of an engine directory with manifest fields changed (engine id, max batch):
+    the weights are the same, the scheduler sees another engine."""
+    shutil.copytree(src, dest)
+    manifest = json.loads((dest / "manifest.json").read_text())
+    manifest.update(changes)
+    (dest / "manifest.json").write_text(json.dumps(manifest))
+    return dest
+
+
+@pytest.fixture(scope="module")
+def engines(demo_engine, tmp_path_factory):
+    root = tmp_path_factory.mktemp("sched-engines")
+    a = variant_engine(demo_engine, root / "a", engine_id="engine-a")
+    b = variant_engine(demo_engine, root / "b", engine_id="engine-b", max_batch=2)
+    return a, b
+
+
+def load(path) -> Engine:
+    engine = Engine.load(path, device="cpu", verify=False)
+    engine.warm_up()
+    return engine
+
+
+def collect(request):
+    """(text, token ids, last chunk) once the request ends; raises on a Failure."""
+    text, ids = [], []
+    while True:
+        event = request.events.get(timeout=60)
+        if isinstance(event, Failure):
+            raise AssertionError(f"request failed: {event}")
+        text.append(event.text)
+        ids.extend(event.token_ids)
+        if event.finish_reason is not None:
+            return "".join(text), ids, event
+
+
+def first_chunk(request) -> Chunk:
+    event = request.events.get(timeout=60)
+    assert isinstance(event, Chunk), event
+    return event
+
+
+def test_chunked_prefill_gives_the_tokens_of_edgellm_run(engines):
+    engine = load(engines[0])
+    reference_engine = load(engines[0])
+    scheduler = Scheduler(queue_depth=8, prefill_chunk=3)
+    scheduler.set_engine(engine)
+    try:
+        params = [SamplingParams(max_new_tokens=24, temperature=0.9 if i % 2 else 0.0, top_k=40 if i % 3 else 0, seed=100 + i)
+                  for i in range(len(PROMPTS))]
+        requests = [scheduler.submit(Prompt(text=p), sp) for p, sp in zip(PROMPTS, params)]
+        got = [collect(r) for r in requests]
+        # `edgellm run` drives generate(); one prompt at a time, as the CLI does.
+        for prompt, sp, (text, ids, last) in zip(PROMPTS, params, got):
+            ref = generate(reference_engine, [reference_engine.tokenizer.encode(prompt)], [sp])[0]
+            assert ids == ref.token_ids and text == ref.text and last.finish_reason == ref.finish_reason
+            assert last.usage.completion_tokens == len(ids) and last.engine_id == "engine-a"
+    finally:
+        scheduler.shutdown()
+
+
+def test_no_engine_refusals_and_a_full_queue(engines, tmp_path):
+    stall = tmp_path / "stall"
+    scheduler = Scheduler(queue_depth=1, prefill_chunk=16, debug_stall_file=str(stall))
+    try:
+        with pytest.raises(Rejected) as e:
+            scheduler.submit(Prompt(text="hi"), SamplingParams(max_new_tokens=4))
+        assert e.value.code == "UNAVAILABLE" and scheduler.snapshot().state == "no_engine"
+        scheduler.set_engine(load(engines[1]))  # 2 slots
+        scheduler.set_accepting(False, "held for the test")
+        with pytest.raises(Rejected) as e:
+            scheduler.submit(Prompt(text="hi"), SamplingParams(max_new_tokens=4))
+        assert e.value.code == "UNAVAILABLE" and "held for the test" in e.value.message
+        scheduler.set_accepting(True)
+        with pytest.raises(Rejected) as e:
+            scheduler.submit(Prompt(text="x " * 600), SamplingParams(max_new_tokens=4))
+        assert e.value.code == "INVALID_ARGUMENT" and "max sequence length is 512" in e.value.message
+
+        stall.touch()  # the loop admits nothing while stalled: 2 free slots + 1 queue place
+        assert scheduler._wait_for(lambda: scheduler.stalled, 60)  # noqa: SLF001
+        accepted = [scheduler.submit(Prompt(text=p), SamplingParams(max_new_tokens=4)) for p in PROMPTS[:3]]
+        with pytest.raises(Rejected) as e:
+            scheduler.submit(Prompt(text="hi"), SamplingParams(max_new_tokens=4))
+        assert e.value.code == "RESOURCE_EXHAUSTED"
+        stall.unlink()
+        for request in accepted:
+            assert collect(request)[2].finish_reason in ("stop", "length")
+    finally:
+        stall.unlink(missing_ok=True)
+        scheduler.shutdown()
+
+
+def test_swap_beside_finishes_old_streams_on_the_old_engine(engines):
+    old, new = load(engines[0]), load(engines[1])
+    reference_engine = load(engines[0])
+    scheduler = Scheduler(queue_depth=8, prefill_chunk=16)
+    scheduler.set_engine(old, version=1)
+    try:
+        params = SamplingParams(max_new_tokens=60)
+        running = [scheduler.submit(Prompt(text=p), params) for p in PROMPTS[:4]]
+        firsts = [first_chunk(r) for r in running]  # all four are generating on the old engine
+        assert scheduler.swap_engine(new, mode="beside", timeout=0, version=2) is False  # old still busy
+        snap = scheduler.snapshot()
+        assert snap.current.engine is new and [g.engine for g in snap.retiring] == [old]
+        later = [scheduler.submit(Prompt(text=p), SamplingParams(max_new_tokens=8)) for p in PROMPTS[4:]]
+        for prompt, request, first in zip(PROMPTS, running, firsts):
+            text, ids, last = collect(request)
+            ref = generate(reference_engine, [reference_engine.tokenizer.encode(prompt)], [params])[0]
+            assert first.token_ids + ids == ref.token_ids and last.engine_id == "engine-a"
+        for request in later:
+            assert collect(request)[2].engine_id == "engine-b"
+        assert scheduler._wait_for(lambda: not scheduler._retiring, 60)  # noqa: SLF001
+        assert old.model is None  # freed once its last stream ended
+        assert scheduler.engine_version == 2
+    finally:
+        scheduler.shutdown()
+
+
+def test_swap_drain_holds_new_requests_until_the_new_engine_is_in(engines):
+    old = load(engines[0])
+    scheduler = Scheduler(queue_depth=8, prefill_chunk=16)
+    scheduler.set_engine(old)
+    order: list[str] = []
+    try:
+        running = [scheduler.submit(Prompt(text=p), SamplingParams(max_new_tokens=40)) for p in PROMPTS[:2]]
+        for r in running:
+            first_chunk(r)
+
+        def load_new():
+            order.append("old freed" if old.model is None else "old NOT freed")
+            return load(engines[1])
+
+        swap = threading.Thread(target=scheduler.swap_engine, args=(load_new,), kwargs={"mode": "drain", "timeout": 60})
+        swap.start()
+        assert scheduler._wait_for(lambda: scheduler._holding, 60)  # noqa: SLF001
+        waiting = scheduler.submit(Prompt(text="hello"), SamplingParams(max_new_tokens=8))  # waits, does not fail
+        assert scheduler.snapshot().state == "swapping"
+        for r in running:
+            assert collect(r)[2].engine_id == "engine-a"
+        text, ids, last = collect(waiting)
+        swap.join(60)
+        assert order == ["old freed"] and last.engine_id == "engine-b" and len(ids) > 0
+        assert scheduler.snapshot().state == "serving"
+    finally:
+        scheduler.shutdown()
+
+
+def test_swap_drain_failures_keep_or_restore_the_old_engine(engines):
+    old = load(engines[0])
+    scheduler = Scheduler(queue_depth=8, prefill_chunk=16)
+    scheduler.set_engine(old, version=1)
+    try:
+        # Streams that do not finish in time: the swap is called off, the old engine serves on.
+        running = scheduler.submit(Prompt(text=PROMPTS[0]), SamplingParams(max_new_tokens=300))
+        first_chunk(running)
+        with pytest.raises(SwapError, match="keeps serving"):
+            scheduler.swap_engine(lambda: pytest.fail("must not load"), mode="drain", timeout=0.01, version=2)
+        assert scheduler.engine is old and scheduler.snapshot().state == "serving"
+        scheduler.end(running)
+        assert collect(running)[2].finish_reason == "cancelled"
+
+        # The new engine fails to load: the old one is loaded again and serves.
+        def broken():
+            raise RuntimeError("CUDA out of memory (simulated by the test)")
+
+        with pytest.raises(RuntimeError, match="out of memory"):
+            scheduler.swap_engine(broken, mode="drain", timeout=60, version=2, restore=lambda: load(engines[0]))
+        assert old.model is None and scheduler.engine is not old and scheduler.engine_version == 1
+        after = scheduler.submit(Prompt(text="hello"), SamplingParams(max_new_tokens=4))
+        assert collect(after)[2].engine_id == "engine-a"
+    finally:
+        scheduler.shutdown()
