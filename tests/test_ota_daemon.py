@@ -196,11 +196,14 @@ def test_first_boot_then_every_refusal_keeps_the_live_engine_serving(tmp_path, d
 
 @pytest.mark.parametrize("mode", ["beside", "drain"])
 def test_push_under_concurrent_streams_drops_nothing(mode, tmp_path, keys, bundles):
+    from edgellm.serving.server import STALL_ENV
+
     store_dir = tmp_path / "store"
     preinstall(store_dir, keys, [bundles[1]])
-    streams = 2 * MAX_BATCH
-    max_tokens = 120
-    with start_daemon(store_dir, keys.trust_dir, tmp_path / "daemon.log", "--swap-mode", mode, "--queue-depth", "16") as d:
+    streams, max_tokens = 2 * MAX_BATCH, 120
+    stall = tmp_path / "stall"  # while it exists the scheduler loop holds still (serving's test hook)
+    args = ("--swap-mode", mode, "--queue-depth", "16")
+    with start_daemon(store_dir, keys.trust_dir, tmp_path / "daemon.log", *args, env={STALL_ENV: str(stall)}) as d:
         results, errors = [None] * streams, []
 
         def run(i):
@@ -212,32 +215,48 @@ def test_push_under_concurrent_streams_drops_nothing(mode, tmp_path, keys, bundl
         threads = [threading.Thread(target=run, args=(i,)) for i in range(streams)]
         for t in threads:
             t.start()
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            at_push = d.info()
-            if at_push["slots_busy"] == MAX_BATCH and at_push["queue_depth"] == streams - MAX_BATCH:
-                break
-            time.sleep(0.01)
-        assert at_push["slots_busy"] > 0
-        with d.updates() as u:
-            reply = u.push(bundles[2])
-        assert (reply.activated, reply.swap_mode) == (True, mode)
+        wait_for(lambda: d.info()["requests_total"] == streams)
+        # Freeze the streams mid-flight so the swap lands while some run and some wait.
+        stall.touch()
+        wait_for(lambda: _unchanged(lambda: d.info()["tokens_generated"]))
+        at_push = d.info()
+        assert at_push["slots_busy"] > 0 and at_push["queue_depth"] > 0, at_push
+        replies = []
+        pusher = threading.Thread(target=lambda: replies.append(d.updates().push(bundles[2])))
+        pusher.start()
+        if mode == "beside":
+            pusher.join()  # the new engine goes in beside the frozen streams
+        else:
+            wait_for(lambda: d.info()["state"] == "SERVING_STATE_SWAPPING")  # admission held
+        stall.unlink()
+        pusher.join()
+        assert (replies[0].activated, replies[0].swap_mode) == (True, mode)
         for t in threads:
             t.join(300)
         assert not errors, errors
         for r in results:
             assert r is not None and r.finish_reason in ("length", "stop")
             assert r.finish_reason == "stop" or len(r.token_ids) == max_tokens
-            assert r.engine_id in ("demo-llama-int4-awq", "demo-v2")
-        # Streams running at the push finished on the old engine; those queued ran on the new one.
-        served_by = {r.engine_id for r in results}
-        assert "demo-llama-int4-awq" in served_by
-        assert "demo-v2" in served_by or at_push["queue_depth"] == 0
+        # Streams running at the swap finished on the old engine; those queued ran on the new one.
+        assert {r.engine_id for r in results} == {"demo-llama-int4-awq", "demo-v2"}
         info = d.info()
         assert info["engine"]["engine_version"] == 2 and info["engine"]["engine_id"] == "demo-v2"
         assert d.generate(max_tokens=4).engine_id == "demo-v2"
     store = EngineStore(store_dir)
     assert (store.current_version(), store.previous_version()) == (2, 1)
+
+
+def wait_for(predicate, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "the daemon never reached the awaited state"
+        time.sleep(0.02)
+
+
+def _unchanged(read) -> bool:
+    first = read()
+    time.sleep(0.3)
+    return read() == first
 
 
 def test_sigkill_at_each_install_stage_restarts_on_a_complete_engine(tmp_path, keys, bundles):
@@ -312,3 +331,19 @@ def test_push_on_gpu_swaps_beside_using_cuda_python_memory(tmp_path, keys, bundl
         assert d.generate(max_tokens=8).engine_id == "demo-v2"
         assert d.info()["device"]["device"].startswith("cuda")
     assert "device has" in (tmp_path / "daemon.log").read_text()
+
+
+def test_boot_falls_back_to_previous_when_current_is_damaged(tmp_path, keys, bundles):
+    store_dir = tmp_path / "store"
+    store = preinstall(store_dir, keys, [bundles[1], bundles[2]])
+    weights = store.engine_dir(2) / "model.safetensors"
+    weights.chmod(0o644)
+    with open(weights, "r+b") as f:  # bit rot in the current version
+        f.seek(100)
+        f.write(b"\xff" * 16)
+    with start_daemon(store_dir, keys.trust_dir, tmp_path / "daemon.log") as d:
+        assert d.info()["engine"]["engine_version"] == 1
+        assert d.generate(max_tokens=4).finish_reason in ("length", "stop")
+    assert (store.current_version(), store.previous_version()) == (1, None)
+    last = AuditLog(store_dir / "audit.jsonl").read()[-1]
+    assert (last["event"], last["version"], last["automatic"]) == ("rolled-back", 1, True)

@@ -14,7 +14,6 @@ to the installed venv's path, exactly as --system-site-packages exposes JetPack'
 
 from __future__ import annotations
 
-import configparser
 import os
 import re
 import shutil
@@ -223,6 +222,12 @@ def test_unit_config_and_users_agree():
     tmpfiles = (PACKAGING / "tmpfiles.d/edgellm.conf").read_text()
     assert re.search(r"^d\s+/var/lib/edgellm\s+0750 edgellm edgellm", tmpfiles, re.M)
     assert one["StateDirectoryMode"] == "0750"
+    # [updates] as the engine-update part reads it; its trust store is the one tmpfiles creates.
+    from edgellm.ota.daemon import UpdateSettings
+
+    updates = UpdateSettings.from_table(config.updates)
+    updates.check()
+    assert re.search(rf"^d\s+{updates.trust_dir}\s", tmpfiles, re.M)
 
 
 def test_upgrade_remove_and_purge(installed, deb):

@@ -188,3 +188,26 @@ def test_swap_drain_failures_keep_or_restore_the_old_engine(engines):
         assert collect(after)[2].engine_id == "engine-a"
     finally:
         scheduler.shutdown()
+
+
+def test_a_cancelled_last_stream_releases_the_old_engine(engines):
+    old = load(engines[0])
+    scheduler = Scheduler(queue_depth=8, prefill_chunk=16)
+    scheduler.set_engine(old)
+    try:
+        group = scheduler.snapshot().current
+        running = scheduler.submit(Prompt(text=PROMPTS[0]), SamplingParams(max_new_tokens=300))
+        first_chunk(running)
+        assert scheduler.swap_engine(load(engines[1]), mode="beside", timeout=0) is False
+        scheduler.cancel(running)  # the client goes away: the old engine has nothing left to finish
+        assert scheduler._wait_for(lambda: group.freed, 60)  # noqa: SLF001
+        assert old.model is None and not scheduler.snapshot().retiring
+
+        group = scheduler.snapshot().current
+        running = scheduler.submit(Prompt(text=PROMPTS[1]), SamplingParams(max_new_tokens=300))
+        first_chunk(running)
+        threading.Timer(0.2, scheduler.cancel, args=(running,)).start()
+        scheduler.swap_engine(lambda: load(engines[0]), mode="drain", timeout=60)  # proceeds once the stream is gone
+        assert group.freed and scheduler.engine.engine_id == "engine-a"
+    finally:
+        scheduler.shutdown()

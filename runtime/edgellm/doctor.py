@@ -5,8 +5,9 @@ fails. `--json` prints the same as one object for scripts and fleet agents.
 
 Must not import torch: it runs where torch is missing or broken, and a CUDA context in torch
 would change the free-memory figure it reports. Device facts come from edgellm.ota.identity
-(cuda-python); the engine checks reuse the updater's own steps (edgellm.ota.verify), so doctor
-and the daemon cannot disagree about what a valid engine is.
+(cuda-python). The signature check is the updater's own step (edgellm.ota.verify) and the file
+and fit checks use the engine manifest's, so doctor and the daemon agree on what a valid engine
+is; those two work without cryptography (the GPU boxes may lack it).
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ BUILD_INFO = INSTALL_PREFIX / "build-info"
 DEFAULT_TRUST_DIR = Path("/etc/edgellm/trusted.d")  # mirrors edgellm.ota.trust, which needs cryptography
 
 # What loading an engine needs beyond its weights and KV cache: the CUDA context, cuBLAS
-# workspaces and activations. A measured H100 / Orin figure is ~0.3-0.6 GiB; be generous.
+# workspaces, activations, CUDA graph pools. An estimate with room to spare, not a measurement.
 GPU_OVERHEAD_BYTES = 768 << 20
 HOST_MEMORY_FAIL_BYTES = 512 << 20
 HOST_MEMORY_WARN_BYTES = 1 << 30
@@ -109,7 +110,8 @@ class Doctor:
             try:
                 from edgellm.ota.identity import detect
 
-                self._identity = detect()
+                device = self.settings.config.device if self.settings.config is not None else "auto"
+                self._identity = detect(int(device.partition(":")[2] or 0) if device.startswith("cuda") else 0)
             except (EdgeLLMError, ImportError, OSError) as e:
                 self._identity_error = str(e)
         return self._identity
@@ -207,25 +209,24 @@ class Doctor:
             return Check("driver", SKIP, "no CUDA driver answered (see gpu)")
         driver = version_tuple(ident.driver_version)
         detail = f"CUDA driver API {ident.driver_version}"
-        problems = []
+        fatal, minor = [], []  # a newer CUDA major cannot run; a newer minor runs in compatibility mode
         spec = importlib.util.find_spec("torch")
         torch_cuda = torch_cuda_version(Path(spec.origin).parent) if spec and spec.origin else None
         if torch_cuda:
             detail += f", torch built for CUDA {torch_cuda}"
             if version_tuple(torch_cuda)[:1] > driver[:1]:
-                problems.append(f"torch needs a CUDA {torch_cuda.split('.')[0]}.x driver")
+                fatal.append(f"torch needs a CUDA {torch_cuda.split('.')[0]}.x driver")
             elif version_tuple(torch_cuda)[:2] > driver[:2]:
-                problems.append(f"torch was built for CUDA {torch_cuda}, newer than the driver (minor-version "
-                                "compatibility mode: PTX JIT and some kernels unavailable)")
+                minor.append(f"torch was built for CUDA {torch_cuda}, newer than the driver (minor-version "
+                             "compatibility: no PTX JIT, some kernels unavailable)")
         bindings = dist_version("cuda-bindings") or dist_version("cuda-python")
         if bindings:
             detail += f", cuda-python {bindings}"
             if version_tuple(bindings)[:1] > driver[:1]:
-                problems.append(f"cuda-python {bindings} targets CUDA {bindings.split('.')[0]}.x")
-        if not problems:
+                fatal.append(f"cuda-python {bindings} targets CUDA {bindings.split('.')[0]}.x")
+        if not fatal and not minor:
             return Check("driver", OK, detail)
-        status = FAIL if any("needs" in p or "targets" in p for p in problems) else WARN
-        return Check("driver", status, f"{detail}: {'; '.join(problems)}",
+        return Check("driver", FAIL if fatal else WARN, f"{detail}: {'; '.join(fatal + minor)}",
                      "upgrade the NVIDIA driver (JetPack on Jetson), or install torch / cuda-python built "
                      f"for CUDA {ident.driver_version} (e.g. cuda-python<{driver[0] + 1})")
 
@@ -543,7 +544,8 @@ def read_current(root: Path) -> tuple[int, Path] | None:
 
 
 def engine_memory_bytes(manifest) -> int:
-    """Weights as stored plus the static KV cache the engine allocates at load."""
+    """Weights as stored plus the static KV cache the engine allocates at load. (The updater
+    has the same estimate in edgellm.ota.daemon, but importing that needs cryptography.)"""
     weights = sum(int(f["size"]) for f in manifest.files.values())
     cfg = manifest.model.get("config", {})
     kv_bytes = 2  # fp16, the only KV dtype

@@ -173,7 +173,12 @@ def boot(daemon: "Daemon", updater: Updater) -> None:
             log.error("version %d does not load (%s) and no previous version is kept: serving nothing until a push", current, error)
             return
         log.error("version %d does not load (%s): booting previous version %d", current, error, previous)
-        daemon.load_engine(store.engine_dir(previous), version=previous)
+        try:
+            daemon.load_engine(store.engine_dir(previous), version=previous)
+        except Exception as e:  # noqa: BLE001 - stay up for a push rather than crash-loop under systemd
+            log.exception("previous version %d does not load either: serving nothing until a push", previous)
+            updater.audit.record("rejected", reason="load-failed", version=previous, action="boot", message=str(e))
+            return
         store.rollback()
         updater.audit.record("rolled-back", version=previous, from_version=current, automatic=True, message=f"boot: {error}")
 

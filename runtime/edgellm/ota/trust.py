@@ -7,6 +7,7 @@ act on the filesystem (or the package manager's), never something an update can 
 from __future__ import annotations
 
 import logging
+import stat
 from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -35,8 +36,10 @@ class TrustStore:
                 f"trust directory {directory} does not exist; create it and copy the fleet's public key(s) "
                 f"(*{PUBLIC_SUFFIX} from `edgellm keygen`) into it"
             )
+        _warn_if_writable_by_others(directory)
         keys: dict[str, tuple[Ed25519PublicKey, Path]] = {}
         for path in sorted(directory.glob("*" + PUBLIC_SUFFIX)):
+            _warn_if_writable_by_others(path)
             try:
                 key = load_public_key(path.read_bytes(), str(path))
             except (ConfigError, OSError) as e:
@@ -62,3 +65,14 @@ class TrustStore:
                 "sign it with a fleet key, or install that key's .pub in the trust directory if it is legitimate"
             )
         return entry[0]
+
+
+def _warn_if_writable_by_others(path: Path) -> None:
+    """Whoever can write the trust store can sign updates: it should be root's alone."""
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return
+    if mode & (stat.S_IWGRP | stat.S_IWOTH):
+        log.warning("trust store: %s is writable by group or others; anyone who can write it can install engines "
+                    "(chmod go-w %s)", path, path)

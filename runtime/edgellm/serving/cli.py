@@ -19,12 +19,14 @@ STORE_EXTENSION = "edgellm.ota.daemon"
 
 
 def _store_extension():
+    """(the module, None) or (None, why it cannot be used). A missing optional dependency of
+    the update part (e.g. cryptography on a GPU box) must not stop `serve --engine`."""
     try:
-        return importlib.import_module(STORE_EXTENSION)
-    except ModuleNotFoundError as e:
-        if e.name not in (STORE_EXTENSION, "edgellm.ota"):
-            raise
-        return None
+        return importlib.import_module(STORE_EXTENSION), None
+    except ImportError as e:
+        if isinstance(e, ModuleNotFoundError) and e.name in (STORE_EXTENSION, "edgellm.ota"):
+            return None, "this build has no engine-update part (edgellm.ota)"
+        return None, f"the engine-update part cannot be loaded ({e})"
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -44,7 +46,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--prefill-chunk", type=int, help="prompt tokens a slot prefills per iteration (default 128)")
     p.add_argument("--grace-period", type=float, help="seconds in-flight streams get on SIGTERM (default 30)")
     p.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
-    extension = _store_extension()
+    extension, _ = _store_extension()
     if extension is not None and hasattr(extension, "add_serve_arguments"):
         extension.add_serve_arguments(p)
     p.set_defaults(func=cmd_serve)
@@ -91,10 +93,10 @@ def cmd_serve(args) -> int:
     config = load_config(args.config, overrides)
     attach = None
     if config.store is not None:
-        extension = _store_extension()
+        extension, why = _store_extension()
         if extension is None:
-            raise ConfigError("serving from an engine store needs the engine-update part (edgellm.ota), "
-                              "which this build lacks; serve a directory with --engine instead")
+            raise ConfigError(f"serving from an engine store needs the engine-update part, but {why}; "
+                              "install what it needs, or serve an engine directory with --engine")
         attach = lambda daemon: extension.attach(daemon, config, args)  # noqa: E731
     return serve(config, attach)
 

@@ -488,15 +488,22 @@ class Scheduler:
                     return
                 admitted = self._admit_locked()
                 groups = self._groups_locked()
-                if not admitted and not any(g.busy() for g in groups):
-                    self._wake.wait(_IDLE_WAIT)
-                    continue
-            self.iterations += 1
-            for group, request in admitted:
-                self._start(group, request)
-            for group in groups:
-                self._step(group)
+                busy = bool(admitted) or any(g.busy() for g in groups)
+            if busy:
+                self.iterations += 1
+                for group, request in admitted:
+                    self._start(group, request)
+                for group in groups:
+                    self._step(group)
             self._retire()
+            if not busy:
+                with self._lock:
+                    if self._running and not self._can_admit_locked():
+                        self._wake.wait(_IDLE_WAIT)
+
+    def _can_admit_locked(self) -> bool:
+        current = self._current
+        return bool(self._queue) and current is not None and not self._holding and None in current.slots
 
     def _stall_if_asked(self) -> None:
         if not self.debug_stall_file or not os.path.exists(self.debug_stall_file):
@@ -510,7 +517,9 @@ class Scheduler:
             self.stalled = False
 
     def _admit_locked(self) -> list[tuple[EngineSlots, Request]]:
+        """Drop ended requests (cancelled, expired), then fill free slots from the queue."""
         now = time.monotonic()
+        changed = False
         for group in self._groups_locked():
             for i, request in enumerate(group.slots):
                 if request is None:
@@ -520,6 +529,7 @@ class Scheduler:
                                    "DEADLINE_EXCEEDED")
                 if request.finished:
                     group.slots[i] = None
+                    changed = True
         kept = collections.deque()
         for request in self._queue:
             if request.expired(now) and not request.finished:
@@ -527,19 +537,19 @@ class Scheduler:
                                "DEADLINE_EXCEEDED")
             if not request.finished:
                 kept.append(request)
+        changed |= len(kept) != len(self._queue)
         self._queue = kept
         admitted = []
         current = self._current
-        if current is None or self._holding:
-            return admitted
-        while self._queue and None in current.slots:
-            request = self._queue.popleft()
-            slot = current.slots.index(None)
-            current.slots[slot] = request
-            request.slot = slot
-            admitted.append((current, request))
-        if admitted:
-            self._wake.notify_all()
+        if current is not None and not self._holding:
+            while self._queue and None in current.slots:
+                request = self._queue.popleft()
+                slot = current.slots.index(None)
+                current.slots[slot] = request
+                request.slot = slot
+                admitted.append((current, request))
+        if changed or admitted:
+            self._wake.notify_all()  # swaps and wait_idle() wait for slots and the queue to empty
         return admitted
 
     def _start(self, group: EngineSlots, request: Request) -> None:

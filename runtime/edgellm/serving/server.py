@@ -183,6 +183,7 @@ class Daemon:
     def install_engine(self, engine, version: int = 0) -> None:
         """First engine (warm); swaps go through self.scheduler.swap_engine."""
         self.scheduler.set_engine(engine, version)
+        self._gpu_reader(engine)
         log.info("serving engine %s (version %d) on %s, %d slots, max seq len %d, loaded in %.1f s",
                  engine.engine_id, version, engine.device, engine.max_batch, engine.max_seq_len, engine.load_seconds)
 
@@ -193,14 +194,21 @@ class Daemon:
         from edgellm.engine.runner import device_sm
 
         info = admin_pb.DeviceInfo(device=str(engine.device), sm=device_sm(engine.device))
-        if engine.device.type == "cuda":
-            if self._gpu is None or self._gpu.device != engine.device:
-                self._gpu = self.metrics.gpu = GpuReader(engine.device)
-            reading = self._gpu.read()
-            info.gpu_name = self._gpu.name()
+        gpu = self._gpu_reader(engine)
+        if gpu is not None:
+            reading = gpu.read()
+            info.gpu_name = gpu.name()
             info.gpu_memory_total_bytes = int(reading.get("memory_total_bytes", 0))
             info.gpu_memory_used_bytes = int(reading.get("memory_used_bytes", 0))
         return info
+
+    def _gpu_reader(self, engine) -> GpuReader | None:
+        """The reader for the engine's GPU (shared with the metrics), None on CPU."""
+        if engine.device.type != "cuda":
+            return None
+        if self._gpu is None or self._gpu.device != engine.device:
+            self._gpu = self.metrics.gpu = GpuReader(engine.device)
+        return self._gpu
 
     # ---- state ------------------------------------------------------------------------
     def _refresh_health(self) -> None:
