@@ -222,7 +222,12 @@ def test_push_under_concurrent_streams_drops_nothing(mode, tmp_path, keys, bundl
         at_push = d.info()
         assert at_push["slots_busy"] > 0 and at_push["queue_depth"] > 0, at_push
         replies = []
-        pusher = threading.Thread(target=lambda: replies.append(d.updates().push(bundles[2])))
+
+        def push():
+            with d.updates() as u:
+                replies.append(u.push(bundles[2]))
+
+        pusher = threading.Thread(target=push)
         pusher.start()
         if mode == "beside":
             pusher.join()  # the new engine goes in beside the frozen streams

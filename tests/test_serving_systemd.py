@@ -178,11 +178,12 @@ sys.exit(main(sys.argv[1:]))
 
 def test_daemon_serves_without_the_optional_packages(demo_engine, tmp_path):
     log_path = tmp_path / "daemon.log"
+    (tmp_path / "empty.toml").write_text("")  # not the machine's /etc/edgellm/edgellm.toml
     with open(log_path, "w") as log:
         proc = subprocess.Popen(
             [sys.executable, "-c", BLOCK_OPTIONAL, "serve", "--engine", str(demo_engine), "--device", "cpu",
              "--listen", f"unix://{tmp_path}/kiosk.sock", "--admin-listen", f"unix://{tmp_path}/admin.sock",
-             "--metrics-listen", "127.0.0.1:0"],
+             "--metrics-listen", "127.0.0.1:0", "--config", str(tmp_path / "empty.toml")],
             env={**os.environ, "NOTIFY_SOCKET": str(tmp_path / "notify.sock")}, stdout=log, stderr=subprocess.STDOUT,
         )
     listener = NotifyListener(tmp_path / "notify.sock")

@@ -112,11 +112,21 @@ class Manifest:
                 "upgrade edgellm on this device"
             )
 
-    def require_target(self, device_sm: str) -> None:
-        """device_sm: '8.7' for a GPU, 'cpu' for the CPU path."""
+    def require_target(self, device_sm: str, cpu_runs_any: bool = True) -> None:
+        """device_sm: '8.7' for a GPU, 'cpu' for the CPU path.
+
+        `edgellm run --device cpu` is the reference path and runs any engine (cpu_runs_any);
+        a device that installs updates is stricter: a CPU-only host takes only engines built
+        for `cpu`, so what it serves is what the fleet manager meant for it.
+        """
         device_sm = normalize_sm(device_sm)
         if device_sm == CPU_TARGET:
-            return  # the CPU reference path runs any engine
+            if cpu_runs_any or CPU_TARGET in self.target_sms:
+                return
+            raise DeviceMismatchError(
+                f"engine {self.engine_id} was built for SM {', '.join(self.target_sms)} but this device has no GPU; "
+                "build it with --target-sm cpu for CPU-only devices"
+            )
         if device_sm not in self.target_sms:
             raise DeviceMismatchError(
                 f"engine {self.engine_id} was built for SM {', '.join(self.target_sms)} but this GPU is SM "

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Callable
 
 from edgellm import __version__
-from edgellm.engine.manifest import CPU_TARGET, MANIFEST_NAME, Manifest, normalize_sm, verify_files
+from edgellm.engine.manifest import MANIFEST_NAME, Manifest, normalize_sm, verify_files
 from edgellm.errors import DeviceMismatchError, EngineFormatError
 from edgellm.ota import hooks
 from edgellm.ota.bundle import SIGNATURE_NAME, STATEMENT_NAME, BundleReader, Limits
@@ -225,20 +225,10 @@ class Verifier:
         self.on_step("file-hashes")
 
     def check_target(self, manifest: Manifest) -> None:
-        sm = self.device.sm
-        if sm == CPU_TARGET:
-            # Manifest.require_target lets the CPU reference path run anything; an update
-            # for a CPU-only device must have been built for it.
-            if CPU_TARGET not in manifest.target_sms:
-                raise WrongSM(
-                    f"engine {manifest.engine_id} was built for SM {', '.join(manifest.target_sms)} but this device has no GPU; "
-                    "push an engine built with --target-sm cpu"
-                )
-        else:
-            try:
-                manifest.require_target(normalize_sm(sm))
-            except DeviceMismatchError as e:
-                raise WrongSM(str(e)) from None
+        try:
+            manifest.require_target(normalize_sm(self.device.sm), cpu_runs_any=False)
+        except DeviceMismatchError as e:
+            raise WrongSM(str(e)) from None
         self.on_step("target-sm")
 
     def check_runtime(self, manifest: Manifest) -> None:
