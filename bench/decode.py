@@ -187,7 +187,7 @@ def bench_hf(config, batch: int, prompt_len: int, new_tokens: int, compile_too: 
         vocab_size=config.vocab_size, hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
         num_hidden_layers=config.num_layers, num_attention_heads=config.num_heads,
         num_key_value_heads=config.num_kv_heads, head_dim=config.head_dim, rms_norm_eps=config.rms_norm_eps,
-        rope_theta=config.rope_theta, rope_scaling=config.rope_scaling, max_position_embeddings=8192,
+        rope_theta=config.rope_theta, rope_scaling=config.rope_scaling, max_position_embeddings=131072,
         tie_word_embeddings=config.tie_word_embeddings,
     )
     with torch.device("cuda"):
@@ -211,7 +211,8 @@ def bench_hf(config, batch: int, prompt_len: int, new_tokens: int, compile_too: 
         log(f"  transformers eager batch {batch}: {batch / t:.0f} tok/s")
         if compile_too:
             try:
-                model.forward = torch.compile(model.forward, mode="reduce-overhead", fullgraph=False)
+                # With a static cache, transformers' generate compiles the forward itself
+                # (torch.compile, CUDA graphs); compiling it again by hand breaks its graphs.
                 t = per_token(cache_implementation="static")
                 results["compiled_tok_s"] = batch / t
                 log(f"  transformers static cache + torch.compile batch {batch}: {batch / t:.0f} tok/s")
@@ -310,7 +311,8 @@ def main() -> int:
                 rec["hf_compiled_error"] = h["compiled_error"]
             records.append(rec)
         summary["shapes"][shape] = {"ttft": ttft, "start_to_warm": warm, "peak_gpu_mem_gib": peak}
-    (args.out / "decode.json").write_text(json.dumps({"summary": summary, "records": records}, indent=2))
+        # Written after every shape, so a run cut short keeps what it measured.
+        (args.out / "decode.json").write_text(json.dumps({"summary": summary, "records": records}, indent=2))
     plot(records, bandwidth, args.out / "decode.png")
 
     print(f"\nGPU {summary['gpu']} (SM {sm}); copy bandwidth {bandwidth / 1e12:.2f} TB/s; context {CONTEXT}; medians")

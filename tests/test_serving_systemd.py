@@ -50,13 +50,14 @@ class NotifyListener:
     def count(self, line: str) -> int:
         return self.snapshot().count(line)
 
-    def wait_for(self, predicate, what: str, proc: subprocess.Popen, timeout: float = 120.0):
+    def wait_for(self, predicate, what: str, proc: subprocess.Popen, timeout: float = 120.0, log: Path | None = None):
         end = time.monotonic() + timeout
         while time.monotonic() < end:
             if predicate(self.snapshot()):
                 return
             if proc.poll() is not None:
-                raise AssertionError(f"the daemon exited ({proc.returncode}) while waiting for {what}")
+                tail = "\n".join(log.read_text().splitlines()[-15:]) if log else ""
+                raise AssertionError(f"the daemon exited ({proc.returncode}) while waiting for {what}\n{tail}")
             time.sleep(0.02)
         raise AssertionError(f"timed out waiting for {what}; got {self.snapshot()[-10:]}")
 
@@ -188,7 +189,7 @@ def test_daemon_serves_without_the_optional_packages(demo_engine, tmp_path):
         )
     listener = NotifyListener(tmp_path / "notify.sock")
     try:
-        listener.wait_for(lambda m: "READY=1" in m, "READY=1", proc)
+        listener.wait_for(lambda m: "READY=1" in m, "READY=1", proc, log=log_path)
         with Client(f"unix://{tmp_path}/kiosk.sock") as client:
             assert client.generate("hello", max_tokens=4).finish_reason in ("stop", "length")
         proc.send_signal(signal.SIGTERM)
@@ -200,3 +201,48 @@ def test_daemon_serves_without_the_optional_packages(demo_engine, tmp_path):
     text = log_path.read_text()
     assert "grpcio-health-checking is not usable" in text and "grpcio-reflection is not usable" in text
     assert "Traceback" not in text
+
+
+def test_notifier_speaks_to_abstract_sockets_and_rate_limits_pings():
+    from edgellm.serving.systemd import Notifier
+
+    name = f"edgellm-test-{os.getpid()}"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind("\0" + name)
+    sock.settimeout(10)
+    try:
+        notifier = Notifier({"NOTIFY_SOCKET": "@" + name, "WATCHDOG_USEC": "60000000"})
+        assert notifier.ping_every == 30.0  # half of WatchdogSec
+        notifier.ready("serving")
+        assert sock.recv(4096) == b"READY=1\nSTATUS=serving"
+        for _ in range(100):  # the loop calls this every iteration; one ping per half interval goes out
+            notifier.watchdog()
+        notifier.stopping("bye")
+        assert sock.recv(4096) == b"WATCHDOG=1"
+        assert sock.recv(4096) == b"STOPPING=1\nSTATUS=bye"
+        # The watchdog is for the main process only: WATCHDOG_PID naming another turns it off.
+        assert Notifier({"NOTIFY_SOCKET": "@" + name, "WATCHDOG_USEC": "1000", "WATCHDOG_PID": "1"}).ping_every is None
+        assert not Notifier({}).enabled
+    finally:
+        sock.close()
+
+
+def test_logs_go_to_the_journal_when_stderr_is_the_journal(monkeypatch):
+    import logging
+
+    pytest.importorskip("systemd.journal")
+    from edgellm.serving.systemd import setup_logging
+
+    root = logging.getLogger()
+    saved = list(root.handlers), root.level
+    try:
+        st = os.fstat(2)
+        monkeypatch.setenv("JOURNAL_STREAM", f"{st.st_dev}:{st.st_ino}")
+        setup_logging("info")
+        assert [type(h).__name__ for h in root.handlers] == ["JournalHandler"]
+        monkeypatch.delenv("JOURNAL_STREAM")
+        setup_logging("warning")
+        assert [type(h).__name__ for h in root.handlers] == ["StreamHandler"] and root.level == logging.WARNING
+    finally:
+        root.handlers[:] = saved[0]
+        root.setLevel(saved[1])

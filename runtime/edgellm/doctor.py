@@ -33,13 +33,13 @@ from typing import Any, Callable
 
 from edgellm import __version__
 from edgellm.errors import EdgeLLMError
+from edgellm.ota import DEFAULT_TRUST_DIR
 
 SERVICE = "edgellm.service"
 SERVICE_USER = "edgellm"
 CLIENT_GROUP = "edgellm-clients"
 INSTALL_PREFIX = Path("/opt/edgellm")
 BUILD_INFO = INSTALL_PREFIX / "build-info"
-DEFAULT_TRUST_DIR = Path("/etc/edgellm/trusted.d")  # mirrors edgellm.ota.trust, which needs cryptography
 
 # What loading an engine needs beyond its weights and KV cache: the CUDA context, cuBLAS
 # workspaces, activations, CUDA graph pools. An estimate with room to spare, not a measurement.
@@ -375,7 +375,7 @@ class Doctor:
         detail = f"{free / GIB:.1f} of {total / GIB:.1f} GiB free"
         if self._current is None:
             return Check("gpu-memory", OK, detail + " (no engine to size against)")
-        need = engine_memory_bytes(self._current.manifest) + GPU_OVERHEAD_BYTES
+        need = self._current.manifest.memory_bytes("cuda") + GPU_OVERHEAD_BYTES
         detail += f"; the engine needs ~{need / GIB:.1f} GiB (weights + KV cache + CUDA overhead)"
         if daemon_listening(self.settings.listen):
             # The daemon's engine is already resident: what is free is the hot-swap headroom.
@@ -541,16 +541,6 @@ def read_current(root: Path) -> tuple[int, Path] | None:
         return None
     vdir = root / "versions" / text
     return (int(text), vdir) if vdir.is_dir() else None
-
-
-def engine_memory_bytes(manifest) -> int:
-    """Weights as stored plus the static KV cache the engine allocates at load. (The updater
-    has the same estimate in edgellm.ota.daemon, but importing that needs cryptography.)"""
-    weights = sum(int(f["size"]) for f in manifest.files.values())
-    cfg = manifest.model.get("config", {})
-    kv_bytes = 2  # fp16, the only KV dtype
-    kv = 2 * cfg.get("num_layers", 0) * cfg.get("num_kv_heads", 0) * cfg.get("head_dim", 0) * kv_bytes
-    return weights + kv * manifest.max_batch * manifest.max_seq_len
 
 
 def missing_dependencies() -> list[str]:

@@ -105,6 +105,14 @@ class Manifest:
             raise EngineFormatError(f"{where}: unknown quantization scheme {self.quantization.get('scheme')!r}")
         self.target_sms = [normalize_sm(s) for s in self.target_sms]
 
+    def memory_bytes(self, device: str = "cuda") -> int:
+        """What loading this engine takes: its files (weights) plus its static KV cache
+        (fp16 on a GPU, float32 on the CPU reference path). Runtime overheads not included."""
+        cfg = self.model["config"]
+        kv_element = 4 if device == CPU_TARGET else 2
+        kv = 2 * cfg["num_layers"] * self.max_batch * self.max_seq_len * cfg["num_kv_heads"] * cfg["head_dim"] * kv_element
+        return sum(int(entry["size"]) for entry in self.files.values()) + kv
+
     def require_runtime(self, runtime_version: str = __version__) -> None:
         if parse_version(runtime_version) < parse_version(self.min_runtime_version):
             raise EngineFormatError(

@@ -14,3 +14,9 @@
 
 Nothing here imports torch at import time: a bundle is judged before model code runs.
 """
+
+from pathlib import Path
+
+# Where the device's trusted public keys live; here (not in trust.py) so that commands can
+# name it without importing cryptography, which `serve --engine` must not need.
+DEFAULT_TRUST_DIR = Path("/etc/edgellm/trusted.d")

@@ -9,7 +9,7 @@ import tempfile
 from pathlib import Path
 
 from edgellm.ota import client
-from edgellm.ota.trust import DEFAULT_TRUST_DIR
+from edgellm.ota import DEFAULT_TRUST_DIR
 
 
 def register(sub: argparse._SubParsersAction) -> None:

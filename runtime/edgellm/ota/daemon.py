@@ -34,7 +34,8 @@ from edgellm.ota.audit import AuditLog
 from edgellm.ota.bundle import Limits
 from edgellm.ota.errors import LoadFailed, SmokeFailed, SwapFailed, UpdateRejected
 from edgellm.ota.store import DEFAULT_KEEP, EngineStore
-from edgellm.ota.trust import DEFAULT_TRUST_DIR, TrustStore
+from edgellm.ota import DEFAULT_TRUST_DIR
+from edgellm.ota.trust import TrustStore
 from edgellm.ota.updater import Updater
 from edgellm.ota.verify import Policy, Verifier
 
@@ -183,15 +184,6 @@ def boot(daemon: "Daemon", updater: Updater) -> None:
         updater.audit.record("rolled-back", version=previous, from_version=current, automatic=True, message=f"boot: {error}")
 
 
-def engine_memory_bytes(engine_dir: Path, device: str) -> int:
-    """What loading this engine will take: its files (weights) plus its static KV cache."""
-    manifest = read_manifest(engine_dir)
-    cfg = manifest.model["config"]
-    kv_element = 2 if device != "cpu" else 4  # fp16 on GPU, fp32 on the CPU path
-    kv = 2 * cfg["num_layers"] * manifest.max_batch * manifest.max_seq_len * cfg["num_kv_heads"] * cfg["head_dim"] * kv_element
-    return sum(entry["size"] for entry in manifest.files.values()) + kv
-
-
 class DaemonSwitcher:
     """Loads, warms and smoke-tests an engine, then hands it to the scheduler."""
 
@@ -238,7 +230,7 @@ class DaemonSwitcher:
     def choose_mode(self, engine_dir: Path) -> str:
         if self.settings.swap_mode != "auto":
             return self.settings.swap_mode
-        need = engine_memory_bytes(engine_dir, self.device)
+        need = read_manifest(engine_dir).memory_bytes(self.device)
         free = _device_identity(self.device).free_memory_bytes
         mode = "beside" if free >= need * _MEMORY_MARGIN + _MEMORY_SLACK_BYTES else "drain"
         log.info("new engine needs ~%.0f MiB, device has %.0f MiB free: %s swap", need / 2**20, free / 2**20, mode)

@@ -16,7 +16,6 @@ from edgellm.errors import ConfigError
 from edgellm.ota.errors import UntrustedKey
 from edgellm.ota.signing import PUBLIC_SUFFIX, key_id, load_public_key
 
-DEFAULT_TRUST_DIR = Path("/etc/edgellm/trusted.d")
 
 log = logging.getLogger("edgellm.ota")
 

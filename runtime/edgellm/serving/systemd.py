@@ -78,8 +78,8 @@ def under_systemd(environ: dict[str, str] | None = None) -> bool:
     if not stream:
         return False
     try:
-        st = os.fstat(sys.stderr.fileno())
-    except (OSError, ValueError):
+        st = os.fstat(2)
+    except OSError:
         return False
     return stream == f"{st.st_dev}:{st.st_ino}"
 
