@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -81,6 +82,9 @@ def _tls_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_serve(args) -> int:
+    if importlib.util.find_spec("torch") is None:
+        raise ConfigError("PyTorch is not installed for this Python: the daemon runs engines with it. Install "
+                          "JetPack's torch wheel (Jetson) or `pip install torch`, then run `edgellm doctor`")
     from edgellm.serving.config import load_config
     from edgellm.serving.server import serve
 
