@@ -24,7 +24,9 @@ fi
 
 stamp=.venv/.edgellm-installed
 if [[ ! -f $stamp || setup.cfg -nt $stamp ]]; then
-    # torch first, pinned, so pip takes the CPU build rather than a multi-GB CUDA one.
+    # torch first and pinned: on our build and CI machines pip takes the CPU build of 2.13.0 from
+    # the local wheel store; an unpinned torch would pull a multi-GB CUDA build. On a device, torch
+    # comes from JetPack / the system (see docs/operations.md).
     .venv/bin/python -c 'import torch' 2>/dev/null || {
         echo "setup: installing torch==2.13.0"
         .venv/bin/pip install -q torch==2.13.0
