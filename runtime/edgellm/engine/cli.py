@@ -5,10 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tomllib
 from pathlib import Path
 
 from edgellm.errors import ConfigError, RequestError
+from edgellm.tomlfile import read_toml
 
 PROFILE_KEYS = {"quant", "group_size", "kv_dtype", "max_batch", "max_seq_len", "target_sm", "calib_samples", "calib_seq_len"}
 
@@ -56,12 +56,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def load_profile(path: Path) -> dict:
-    if not path.is_file():
-        raise ConfigError(f"profile {path} not found; profiles live in engines/profiles/")
-    try:
-        data = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"profile {path} is not valid TOML ({e})") from None
+    data = read_toml(path, "profile", "profiles live in engines/profiles/")
     build = data.get("build", data)
     unknown = set(build) - PROFILE_KEYS
     if unknown:

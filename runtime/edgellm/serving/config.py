@@ -37,11 +37,11 @@ command line, each overriding the one before.
 from __future__ import annotations
 
 import dataclasses
-import tomllib
 from pathlib import Path
 from typing import Any
 
 from edgellm.errors import ConfigError
+from edgellm.tomlfile import read_toml
 
 DEFAULT_CONFIG_PATH = Path("/etc/edgellm/edgellm.toml")
 DEFAULT_LISTEN = "unix:///run/edgellm/edgellm.sock"
@@ -159,12 +159,7 @@ def _coerce(field: dataclasses.Field, value: Any, where: str) -> Any:
 
 def read_config_file(path: Path) -> dict[str, Any]:
     """The settings a TOML file sets, by field name."""
-    if not path.is_file():
-        raise ConfigError(f"config file {path} not found")
-    try:
-        data = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"config file {path} is not valid TOML ({e})") from None
+    data = read_toml(path, "config file")
     fields = {f.name: f for f in dataclasses.fields(ServeConfig)}
     settings: dict[str, Any] = {}
     for table, body in data.items():
