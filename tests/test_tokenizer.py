@@ -15,7 +15,7 @@ import pytest
 
 from edgellm.engine.demo_tokenizer import CORPUS_PATH, train_demo_tokenizer
 from edgellm.engine.detokenizer import StreamDecoder
-from edgellm.engine.tokenizer import TOKENIZER_FILES, Tokenizer
+from edgellm.engine.tokenizer import Tokenizer
 from edgellm.errors import ConfigError, RequestError
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -23,17 +23,9 @@ class UpdatesClient:
 
     def __init__(self, target: str = DEFAULT_ADMIN_TARGET, *, tls_ca: Path | None = None, tls_cert: Path | None = None,
                  tls_key: Path | None = None):
-        import grpc
-
         from edgellm.serving import rpc
 
-        if target.startswith("unix:"):
-            self.channel = grpc.insecure_channel(target)
-        else:
-            if not (tls_ca and tls_cert and tls_key):
-                raise ConfigError(f"{target} is TCP: the admin endpoint needs mutual TLS, pass --tls-ca, --tls-cert and --tls-key")
-            creds = grpc.ssl_channel_credentials(Path(tls_ca).read_bytes(), Path(tls_key).read_bytes(), Path(tls_cert).read_bytes())
-            self.channel = grpc.secure_channel(target, creds)
+        self.channel = rpc.open_channel(target, tls_ca, tls_cert, tls_key, require_mutual_tls=True)
         self.pb = rpc.proto_module("updates")
         self._stub = rpc.Stub(self.channel, rpc.service_descriptor("updates", "Updates"))
 

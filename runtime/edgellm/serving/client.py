@@ -21,7 +21,7 @@ from typing import Any, Iterator
 import grpc
 
 from edgellm.errors import EdgeLLMError
-from edgellm.serving.rpc import Stub, proto_module, service_descriptor
+from edgellm.serving.rpc import Stub, open_channel, proto_module, service_descriptor
 
 DEFAULT_TARGET = "unix:///run/edgellm/edgellm.sock"
 DEFAULT_ADMIN_TARGET = "unix:///run/edgellm/admin.sock"
@@ -66,16 +66,7 @@ class Client:
                  tls_key: Path | None = None, server_name: str | None = None):
         """target: unix:///path or host:port. TLS when tls_ca is given; mutual TLS with
         tls_cert and tls_key too. server_name overrides the name checked in the certificate."""
-        options = [("grpc.ssl_target_name_override", server_name)] if server_name else []
-        if tls_ca is not None:
-            creds = grpc.ssl_channel_credentials(
-                root_certificates=Path(tls_ca).read_bytes(),
-                private_key=Path(tls_key).read_bytes() if tls_key else None,
-                certificate_chain=Path(tls_cert).read_bytes() if tls_cert else None,
-            )
-            self.channel = grpc.secure_channel(target, creds, options=options)
-        else:
-            self.channel = grpc.insecure_channel(target, options=options)
+        self.channel = open_channel(target, tls_ca, tls_cert, tls_key, server_name)
         self.target = target
         self._pb = proto_module("generator")
         self._admin_pb = proto_module("admin")

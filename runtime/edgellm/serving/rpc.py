@@ -18,6 +18,28 @@ from google.protobuf import message_factory
 from edgellm.errors import ConfigError
 
 
+def open_channel(target: str, tls_ca=None, tls_cert=None, tls_key=None, server_name: str | None = None,
+                 require_mutual_tls: bool = False) -> grpc.Channel:
+    """The one way clients connect: unix:///path in the clear (file permissions guard it);
+    host:port with TLS when tls_ca is given, mutual TLS with tls_cert and tls_key too.
+    require_mutual_tls: a TCP target without a client certificate is refused (admin endpoint)."""
+    from pathlib import Path
+
+    options = [("grpc.ssl_target_name_override", server_name)] if server_name else []
+    if target.startswith("unix:"):
+        return grpc.insecure_channel(target, options=options)
+    if require_mutual_tls and not (tls_ca and tls_cert and tls_key):
+        raise ConfigError(f"{target} is TCP: the admin endpoint needs mutual TLS, pass --tls-ca, --tls-cert and --tls-key")
+    if tls_ca is None:
+        return grpc.insecure_channel(target, options=options)
+    creds = grpc.ssl_channel_credentials(
+        root_certificates=Path(tls_ca).read_bytes(),
+        private_key=Path(tls_key).read_bytes() if tls_key else None,
+        certificate_chain=Path(tls_cert).read_bytes() if tls_cert else None,
+    )
+    return grpc.secure_channel(target, creds, options=options)
+
+
 def proto_module(name: str) -> ModuleType:
     """edgellm.v1.<name>_pb2, with a message that says how to produce it when it is missing."""
     module_name = f"edgellm.v1.{name}_pb2"
