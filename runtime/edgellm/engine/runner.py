@@ -8,7 +8,6 @@ which slot and where each sequence stands (its position).
 from __future__ import annotations
 
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable
 
@@ -91,6 +90,10 @@ class Engine:
         dev = resolve_device(device)
         manifest.require_target(device_sm(dev))  # on CUDA this also initialises the context
         lap("device_init")
+        if verify:
+            say(f"verifying {len(manifest.files)} engine files")
+            verify_files(engine_dir, manifest)
+        lap("verify")
         config = ModelConfig.from_dict(manifest.model["config"])
         quant = manifest.quantization
         scheme = quant["scheme"]
@@ -103,22 +106,12 @@ class Engine:
 
         with torch.device("meta"):
             model = Transformer(config, linear_factory, manifest.max_seq_len)
-        # Hashing every file and reading the weights both stream the same bytes: do them side
-        # by side (hashlib releases the GIL). Parsing safetensors runs no code, and nothing
-        # read is used before the verdict below.
-        with ThreadPoolExecutor(max_workers=1) as pool:
-            verification = pool.submit(verify_files, engine_dir, manifest) if verify else None
-            say(f"verifying {len(manifest.files)} engine files and loading weights to {dev}")
-            try:
-                state = load_file(str(engine_dir / WEIGHTS_NAME), device=str(dev))
-            except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-                if verification is not None:
-                    verification.result()  # a hash mismatch explains a broken file best
-                raise EngineFormatError(f"{engine_dir / WEIGHTS_NAME} is not a readable safetensors file ({e}); rebuild the engine") from None
-            lap("read_weights")
-            if verification is not None:
-                verification.result()
-            lap("verify_wait")
+        say(f"loading weights to {dev}")
+        try:
+            state = load_file(str(engine_dir / WEIGHTS_NAME), device=str(dev))
+        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+            raise EngineFormatError(f"{engine_dir / WEIGHTS_NAME} is not a readable safetensors file ({e}); rebuild the engine") from None
+        lap("read_weights")
         expected = set(model.state_dict().keys())
         if set(state) != expected:
             extra, missing = sorted(set(state) - expected), sorted(expected - set(state))
