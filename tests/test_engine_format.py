@@ -151,3 +151,5 @@ def test_cli_errors_are_one_line(demo_engine):
     assert out.returncode == 2
     assert "error: token id 99999 is outside the vocabulary" in out.stderr
     assert "Traceback" not in out.stderr
+    out = edgellm("run", demo_engine, "--prompt", "", "--device", "cpu", check=False)
+    assert out.returncode == 2 and "error: the prompt is empty" in out.stderr

@@ -106,6 +106,8 @@ def cmd_run(args) -> int:
             prompt_ids = [int(t) for t in args.prompt_ids.split(",") if t.strip()]
         except ValueError:
             raise RequestError(f"--prompt-ids must be comma-separated integers, got {args.prompt_ids!r}") from None
+    elif not args.prompt:
+        raise RequestError("the prompt is empty: give --prompt some text (or --prompt-ids)")
     elif args.chat:
         prompt_ids = engine.tokenizer.encode_chat([{"role": "user", "content": args.prompt}])
     else:
