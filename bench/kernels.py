@@ -115,10 +115,12 @@ def candidates(m: int, n: int, k: int, g: int, sms: int):
     if m <= 16:
         if m <= 4:
             bm = 1 if m == 1 else 2 if m == 2 else 4
-            for bn, warps in ((64, 4), (128, 8)):
+            # Tile shapes: rows per program x K per iteration (longer contiguous row segments
+            # per warp at larger BK), warps, programs per SM (split K), prefetch.
+            for bn, bk, warps in ((64, 128, 4), (128, 128, 8), (32, 256, 4), (16, 512, 4), (32, 512, 8), (64, 256, 8)):
                 for waves in (4, 8):
                     for prefetch in (True, False):
-                        out.append(C("gemv", bm, bn, 128, split(w4a16.cdiv(n, bn), w4a16.cdiv(k, 128), sms, waves=waves),
+                        out.append(C("gemv", bm, bn, bk, split(w4a16.cdiv(n, bn), w4a16.cdiv(k, bk), sms, waves=waves),
                                      warps, 1, prefetch))
         for waves in (1, 2):
             out.append(C("mma", 16, 64, 128, split(w4a16.cdiv(n, 64), w4a16.cdiv(k, 128), sms, waves=waves), 4, 3))
@@ -186,6 +188,8 @@ def main() -> None:
     ap.add_argument("--out", help="JSON results path")
     ap.add_argument("--group-size", type=int, default=128)
     ap.add_argument("--sweep", action="store_true", help="also time the candidate configurations")
+    ap.add_argument("--sweep-shapes", default=",".join(SWEEP_SHAPES), help="shapes to sweep (names as in SHAPES)")
+    ap.add_argument("--sweep-m", default="1,2,3,4,8", help="M values to sweep")
     ap.add_argument("--no-prefill", action="store_true")
     ap.add_argument("--ncu-target", choices=["gemv1", "mma8"], help="only run one kernel a few times (for ncu)")
     args = ap.parse_args()
@@ -212,7 +216,7 @@ def main() -> None:
             if m not in DECODE_M and name not in PREFILL_SHAPES:
                 continue
             cfg = w4a16.pick_config(m, n, k, g, sms)
-            if args.sweep and name in SWEEP_SHAPES:
+            if args.sweep and name in args.sweep_shapes.split(",") and str(m) in args.sweep_m.split(","):
                 for cand in candidates(m, n, k, g, sms):
                     try:
                         t = bench_w4a16(m, n, k, g, copies, cand, gen)

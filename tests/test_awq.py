@@ -134,14 +134,13 @@ def test_folding_scales_keeps_the_dense_model_output(num_kv_heads, bias):
 
     # Fold every block's searched scales without quantizing anything.
     model.setup_caches(max_batch=4, dtype=torch.float32, device="cpu")
-    positions = torch.arange(64).expand(4, 64)
-    cos, sin = model.rope_cos[positions], model.rope_sin[positions]
+    rope = (model.rope_cos, model.rope_sin)
     x = model.tok_embeddings(ids)
     with torch.no_grad():
         for block in model.layers:
-            inputs = awq.capture_linear_inputs(block, x, cos, sin, torch.arange(4 * 64))
+            inputs = awq.capture_linear_inputs(block, x, rope, torch.arange(4 * 64))
             choices = awq.search_and_fold_scales(block, inputs, GROUP)
-            x = awq.run_block(block, x, cos, sin)
+            x = awq.run_block(block, x, rope)
     after = all_logits(model, ids)
 
     assert choices["qkv"].alpha > 0 and choices["w13"].alpha > 0, "outlier channels should get scaled"

@@ -217,3 +217,78 @@ def test_cuda_graph_replay_matches_eager():
             assert torch.isfinite(r).all()
             # Split-K sums are fp32 atomics in any order: a last-bit difference after rounding.
             torch.testing.assert_close(r, e, rtol=2e-3, atol=1e-4)
+
+
+# ---- fused per-layer kernels (engine/kernels/fused.py) against the model's reference code ----
+
+
+@pytest.mark.parametrize("rows,d", [(1, 2048), (4, 4096), (77, 3000)])
+@pytest.mark.parametrize("with_residual", [True, False])
+def test_add_rms_norm_matches_reference(rows, d, with_residual):
+    from edgellm.engine.kernels import fused
+    from edgellm.engine.model import RMSNorm
+
+    torch.manual_seed(rows + d)
+    x = torch.randn(rows, d, device="cuda").half()
+    residual = torch.randn(rows, d, device="cuda").half() if with_residual else None
+    norm = RMSNorm(d, 1e-5).cuda()
+    norm.weight.data = (torch.rand(d, device="cuda") + 0.5)
+    total_ref = x.float() + residual.float() if with_residual else x.float()
+    normed_ref, _ = norm(total_ref.half().float())  # the reference on the fp16-rounded sum, in fp32
+    normed, total = fused.add_rms_norm(x, residual, norm.weight.half(), 1e-5)
+    err_n, err_t = _rel_err(normed, normed_ref), _rel_err(total, total_ref)
+    print(f"add_rms_norm rows={rows} d={d} residual={with_residual}: rel err {err_n:.2e} (sum {err_t:.2e})")
+    assert err_n < REL_TOL and err_t < REL_TOL
+
+
+def test_silu_mul_matches_reference():
+    from edgellm.engine.kernels import fused
+
+    torch.manual_seed(3)
+    gate_up = torch.randn(5, 2 * 14336, device="cuda").half()
+    gate, up = gate_up.float().split(14336, dim=-1)
+    ref = torch.nn.functional.silu(gate) * up
+    err = _rel_err(fused.silu_mul(gate_up), ref)
+    print(f"silu_mul: rel err {err:.2e}")
+    assert err < REL_TOL
+
+
+@pytest.mark.parametrize("hq,hkv,d", [(32, 8, 128), (32, 8, 64), (12, 12, 64)])
+def test_rope_and_write_kv_matches_reference(hq, hkv, d):
+    """Roped q returned, roped k and plain v at exactly each token's (slot, position); nothing else written."""
+    from edgellm.engine.config import ModelConfig
+    from edgellm.engine.kernels import fused
+    from edgellm.engine.model import apply_rope, rope_cos_sin
+
+    torch.manual_seed(hq * d)
+    config = ModelConfig(
+        architecture="LlamaForCausalLM", vocab_size=256, hidden_size=hq * d, intermediate_size=64, num_layers=1,
+        num_heads=hq, num_kv_heads=hkv, head_dim=d, rms_norm_eps=1e-5, rope_theta=500000.0,
+        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                      "original_max_position_embeddings": 8192},
+        max_position_embeddings=4096, tie_word_embeddings=False, attention_bias=False, hidden_act="silu", bos_token_id=1,
+        eos_token_ids=(2,),
+    )
+    s_max, rows = 1024, 4
+    cos, sin = (t.cuda() for t in rope_cos_sin(config, s_max))
+    slots = torch.tensor([3, 0], device="cuda")
+    positions = torch.tensor([[1000, 1001, 1002], [0, 1, 2]], device="cuda")
+    b, t = positions.shape
+    qkv = torch.randn(b * t, (hq + 2 * hkv) * d, device="cuda").half()
+    k_cache = _poisoned(rows, hkv, s_max, d)
+    v_cache = _poisoned(rows, hkv, s_max, d)
+    q = fused.rope_and_write_kv(qkv, positions.reshape(-1), slots[:, None].expand(b, t).reshape(-1), cos, sin,
+                                k_cache, v_cache, hq, hkv)
+    qf, kf, vf = qkv.view(b, t, -1).float().split([hq * d, hkv * d, hkv * d], dim=-1)
+    c, s = cos[positions], sin[positions]
+    q_ref = apply_rope(qf.view(b, t, hq, d), c, s)
+    k_ref = apply_rope(kf.view(b, t, hkv, d), c, s)
+    err_q = _rel_err(q.view(b, t, hq, d), q_ref)
+    written_k = torch.stack([k_cache[slots[i], :, positions[i]].transpose(0, 1) for i in range(b)])
+    written_v = torch.stack([v_cache[slots[i], :, positions[i]].transpose(0, 1) for i in range(b)])
+    err_k = _rel_err(written_k, k_ref)
+    print(f"rope_and_write_kv Hq={hq} Hkv={hkv} D={d}: rel err q {err_q:.2e}, k {err_k:.2e}")
+    assert err_q < REL_TOL and err_k < REL_TOL
+    assert torch.equal(written_v, vf.view(b, t, hkv, d).half()), "v is copied into the cache unchanged"
+    written = (~torch.isnan(k_cache)).any(-1).sum().item() + (~torch.isnan(v_cache)).any(-1).sum().item()
+    assert written == 2 * b * t * hkv, "only the tokens' own cache rows are written"

@@ -120,17 +120,16 @@ def _quantize_awq(model: Transformer, calib_ids: torch.Tensor, group_size: int, 
     sample_rows = torch.randperm(n * t, generator=generator)[:SCALE_TOKENS].sort().values.to(device)
     # Caches for CALIB_BATCH rows, not n: run_block feeds the sequences through in chunks.
     model.setup_caches(max_batch=min(n, CALIB_BATCH), dtype=torch.float32, device=device)
-    positions = torch.arange(t, device=device).expand(n, t)
-    cos, sin = model.rope_cos[positions], model.rope_sin[positions]
+    rope = (model.rope_cos, model.rope_sin)
     x = model.tok_embeddings(calib_ids).float()
     out = {}
     for i, block in enumerate(model.layers):
         started = time.perf_counter()
-        inputs = capture_linear_inputs(block, x, cos, sin, sample_rows)
+        inputs = capture_linear_inputs(block, x, rope, sample_rows)
         scales = search_and_fold_scales(block, inputs, group_size)
         clips = search_clips(block, inputs, group_size)
         out.update(quantize_block(block, i, group_size, clips))
-        x = run_block(block, x, cos, sin)
+        x = run_block(block, x, rope)
         progress(
             f"calibrating layer {i + 1}/{len(model.layers)}: scales "
             + " ".join(f"{k} α={v.alpha:.2f} (err {v.error / max(v.rtn_error, 1e-30):.2f}×RTN)" for k, v in scales.items())
@@ -144,8 +143,9 @@ def _quantize_awq(model: Transformer, calib_ids: torch.Tensor, group_size: int, 
 # ---- running a block on the calibration set -------------------------------------------------------------
 
 
-def run_block(block: TransformerBlock, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """block(x) over [n, T, hidden] in chunks of CALIB_BATCH sequences, each at positions 0..T-1."""
+def run_block(block: TransformerBlock, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """block(x) over [n, T, hidden] in chunks of CALIB_BATCH sequences, each at positions 0..T-1
+    (rope: the model's cos/sin tables)."""
     n, t, _ = x.shape
     out = torch.empty_like(x)
     batch = block.attention.kv_cache.k.shape[0]
@@ -155,12 +155,13 @@ def run_block(block: TransformerBlock, x: torch.Tensor, cos: torch.Tensor, sin: 
     for start in range(0, n, batch):
         b = min(batch, n - start)
         rows = slice(start, start + b)
-        out[rows] = block(x[rows], cos[rows], sin[rows], slots[:b], positions[:b], seq_lens[:b])
+        y, residual = block(x[rows], None, rope, slots[:b], positions[:b], seq_lens[:b])
+        out[rows] = y + residual
     return out
 
 
 def capture_linear_inputs(
-    block: TransformerBlock, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, sample_rows: torch.Tensor
+    block: TransformerBlock, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], sample_rows: torch.Tensor
 ) -> dict[str, LinearInputs]:
     """Run the block once with hooks on its projections; keep per-channel mean |x| and sampled rows.
 
@@ -183,7 +184,7 @@ def capture_linear_inputs(
 
     handles = [block.get_submodule(name).register_forward_hook(hook(name)) for name in LINEARS]
     try:
-        run_block(block, x, cos, sin)
+        run_block(block, x, rope)
     finally:
         for h in handles:
             h.remove()

@@ -9,6 +9,12 @@ Shapes: the KV cache is [max_batch, n_kv_heads, max_seq_len, head_dim] per layer
 forward pass works on `slots` (which cache row each batch row owns) and `positions`
 (where each token sits in its row), so prefill of one sequence and decode of several
 share one code path.
+
+On CUDA the runner calls `use_gpu_kernels()`: the small operations between the projections
+(residual add + RMSNorm, rotary embedding + KV-cache write, SiLU * up) then run as fused
+Triton kernels (engine/kernels/fused.py) and decode attention reads only the live part of
+each cache row. The PyTorch code below is the reference they are tested against, and what
+the CPU runs.
 """
 
 from __future__ import annotations
@@ -27,11 +33,17 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
+        self.kernels = None  # engine/kernels/fused.py on CUDA
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns (RMSNorm(x + residual), x + residual): the sum is the new residual stream."""
+        if self.kernels is not None:
+            return self.kernels.add_rms_norm(x, residual, self.weight, self.eps)
+        if residual is not None:
+            x = x + residual
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (xf * self.weight.float()).to(x.dtype)
+        return (xf * self.weight.float()).to(x.dtype), x
 
 
 def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
@@ -98,24 +110,30 @@ class Attention(nn.Module):
         self.wqkv = wqkv
         self.wo = wo
         self.kv_cache: KVCache | None = None
-        # Set by the runner on CUDA: a kernel that reads only the live part of each row.
-        self.decode_kernel = None
+        self.kernels = None  # engine/kernels/fused.py on CUDA
 
-    def forward(self, x, cos, sin, slots, positions, seq_lens) -> torch.Tensor:
+    def forward(self, x, rope: tuple[torch.Tensor, torch.Tensor], slots, positions, seq_lens) -> torch.Tensor:
+        """rope: the (cos, sin) tables [max_seq_len, head_dim], indexed by position."""
         c = self.config
         b, t, _ = x.shape
         qkv = self.wqkv(x)
-        q, k, v = qkv.split([c.q_size, c.kv_size, c.kv_size], dim=-1)
-        q = apply_rope(q.view(b, t, c.num_heads, c.head_dim), cos, sin)
-        k = apply_rope(k.view(b, t, c.num_kv_heads, c.head_dim), cos, sin)
-        v = v.view(b, t, c.num_kv_heads, c.head_dim)
         cache = self.kv_cache
-        cache.write(slots, positions, k, v)
         scale = 1.0 / math.sqrt(c.head_dim)
-
-        if t == 1 and self.decode_kernel is not None:
-            out = self.decode_kernel(q[:, 0], cache.k, cache.v, slots, seq_lens, scale)
-            return self.wo(out.reshape(b, 1, c.q_size))
+        if self.kernels is not None:
+            token_slots = slots[:, None].expand(b, t).reshape(-1)
+            q = self.kernels.rope_and_write_kv(
+                qkv.view(b * t, -1), positions.reshape(-1), token_slots, *rope, cache.k, cache.v,
+                c.num_heads, c.num_kv_heads,
+            ).view(b, t, c.num_heads, c.head_dim)
+            if t == 1:
+                out = self.kernels.decode_attention(q[:, 0], cache.k, cache.v, slots, seq_lens, scale)
+                return self.wo(out.reshape(b, 1, c.q_size))
+        else:
+            cos, sin = rope[0][positions], rope[1][positions]
+            q, k, v = qkv.split([c.q_size, c.kv_size, c.kv_size], dim=-1)
+            q = apply_rope(q.view(b, t, c.num_heads, c.head_dim), cos, sin)
+            k = apply_rope(k.view(b, t, c.num_kv_heads, c.head_dim), cos, sin)
+            cache.write(slots, positions, k, v.view(b, t, c.num_kv_heads, c.head_dim))
 
         # Reference path (CPU, and prefill on GPU): attend over the row's cache up to the
         # longest live length in the batch, masking each query to its own causal prefix.
@@ -137,9 +155,13 @@ class FeedForward(nn.Module):
         self.intermediate_size = config.intermediate_size
         self.w13 = w13
         self.w2 = w2
+        self.kernels = None  # engine/kernels/fused.py on CUDA
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.w13(x).split(self.intermediate_size, dim=-1)
+        gate_up = self.w13(x)
+        if self.kernels is not None:
+            return self.w2(self.kernels.silu_mul(gate_up))
+        gate, up = gate_up.split(self.intermediate_size, dim=-1)
         return self.w2(F.silu(gate) * up)
 
 
@@ -151,9 +173,11 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.feed_forward = FeedForward(config, linears["w13"], linears["w2"])
 
-    def forward(self, x, cos, sin, slots, positions, seq_lens) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), cos, sin, slots, positions, seq_lens)
-        return h + self.feed_forward(self.ffn_norm(h))
+    def forward(self, x, residual, rope, slots, positions, seq_lens) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns (this block's output, the residual stream before it): the next norm adds them."""
+        h, residual = self.attention_norm(x, residual)
+        h, residual = self.ffn_norm(self.attention(h, rope, slots, positions, seq_lens), residual)
+        return self.feed_forward(h), residual
 
 
 class Transformer(nn.Module):
@@ -188,6 +212,14 @@ class Transformer(nn.Module):
         for layer in self.layers:
             layer.attention.kv_cache = KVCache(max_batch, c.num_kv_heads, self.max_seq_len, c.head_dim, dtype, device)
 
+    def use_gpu_kernels(self) -> None:
+        """Run the fused Triton kernels (CUDA only; see the module docstring)."""
+        from edgellm.engine.kernels import fused
+
+        for module in self.modules():
+            if isinstance(module, (RMSNorm, Attention, FeedForward)):
+                module.kernels = fused
+
     def lm_head_weight(self) -> torch.Tensor:
         return self.tok_embeddings.weight if self.output is None else self.output.weight
 
@@ -200,11 +232,11 @@ class Transformer(nn.Module):
         last_only: bool = True,
     ) -> torch.Tensor:
         x = self.tok_embeddings(tokens)
-        cos = self.rope_cos[positions]
-        sin = self.rope_sin[positions]
+        residual = None
+        rope = (self.rope_cos, self.rope_sin)
         for layer in self.layers:
-            x = layer(x, cos, sin, slots, positions, seq_lens)
+            x, residual = layer(x, residual, rope, slots, positions, seq_lens)
         if last_only:
-            x = x[:, -1:]
-        x = self.norm(x)
+            x, residual = x[:, -1:], residual[:, -1:]
+        x, _ = self.norm(x, residual)
         return F.linear(x, self.lm_head_weight()).float()

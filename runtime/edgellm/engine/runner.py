@@ -14,6 +14,7 @@ from typing import Callable
 import torch
 
 from edgellm.engine.config import ModelConfig
+from edgellm.engine.kernels import available as kernels_available
 from edgellm.engine.linear import Int4Linear, dense_linear
 from edgellm.engine.manifest import CPU_TARGET, Manifest, read_manifest, verify_files
 from edgellm.engine.model import Transformer
@@ -129,8 +130,8 @@ class Engine:
         kv_dtype = torch.float16 if dev.type == "cuda" else torch.float32
         model.setup_caches(manifest.max_batch, kv_dtype, dev)
         model.eval()
-        if dev.type == "cuda":
-            _use_decode_attention_kernel(model)
+        if dev.type == "cuda" and kernels_available():
+            model.use_gpu_kernels()
         tokenizer = Tokenizer.from_dir(engine_dir)
         engine = cls(engine_dir, manifest, model, tokenizer, dev)
         lap("cache_and_tokenizer")
@@ -249,15 +250,3 @@ class Engine:
         self.model = None
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
-
-
-def _use_decode_attention_kernel(model: Transformer) -> None:
-    """On CUDA, decode attention reads only each row's live KV instead of the whole cache."""
-    from edgellm.engine import kernels
-
-    if not kernels.available():
-        return
-    from edgellm.engine.kernels.decode_attention import decode_attention
-
-    for layer in model.layers:
-        layer.attention.decode_kernel = decode_attention

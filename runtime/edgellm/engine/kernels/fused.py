@@ -1,0 +1,179 @@
+"""Fused Triton kernels for the small per-layer operations of a decode (or prefill) step.
+
+At batch 1 on an H100 a whole 8B decode step should take ~2 ms; in unfused PyTorch the
+glue between the big projections (RMSNorm in float32, rotary embedding, KV-cache scatter,
+SiLU * up, residual adds) is ~40 tiny kernels per layer, each a few microseconds even
+inside a CUDA graph: more time than the weights take to stream. Each function here does
+one of those groups in one launch, with the numerics of the reference path in
+engine/model.py (float32 arithmetic, one rounding to fp16 at the end):
+
+* `add_rms_norm`: residual add and RMSNorm (the sum is also returned: it is the new
+  residual stream, kept in fp16 as transformers keeps it).
+* `rope_and_write_kv`: rotary embedding of q and k, straight from the fused q|k|v
+  projection output, and k, v written into the static KV cache at each token's slot and
+  position (decode and prefill alike: one program per token and head).
+* `silu_mul`: SiLU(gate) * up from the fused gate|up projection output.
+
+All take and return fp16 CUDA tensors and allocate nothing but their outputs, so they are
+CUDA-graph capturable. On hosts without Triton the module imports; the functions raise.
+
+This module is the model's one handle on the GPU kernels (`Transformer.use_gpu_kernels`),
+so it also offers decode attention.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from edgellm.engine.kernels.decode_attention import decode_attention  # noqa: F401 (re-exported for the model)
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CI and CPU-only hosts: the module imports, the kernels do not exist
+    triton = None
+    tl = None
+
+
+def _require_triton() -> None:
+    if triton is None:
+        raise RuntimeError("the fused kernels need Triton; on this host the model uses its reference path")
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(RMSNorm(x + residual) * weight, x + residual) over the last axis; residual may be None."""
+    _require_triton()
+    shape = x.shape
+    d = shape[-1]
+    x2 = x.reshape(-1, d).contiguous()
+    rows = x2.shape[0]
+    normed = torch.empty_like(x2)
+    if residual is None:
+        total = x2
+    else:
+        r2 = residual.reshape(-1, d).contiguous()
+        total = torch.empty_like(x2)
+    if rows:
+        block = _next_pow2(d)
+        _add_rms_norm_kernel[(rows,)](
+            x2, x2 if residual is None else r2, weight, normed, total, d, eps,
+            HAS_RESIDUAL=residual is not None, BLOCK=block, num_warps=min(16, max(1, block // 256)),
+        )
+    return normed.view(shape), total.view(shape)
+
+
+def rope_and_write_kv(
+    qkv: torch.Tensor,
+    positions: torch.Tensor,
+    slots: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    num_heads: int,
+    num_kv_heads: int,
+) -> torch.Tensor:
+    """qkv [T, (Hq + 2 Hkv) * D] fp16 for T tokens; token t sits at positions[t] of cache row
+    slots[t]. Writes roped k and v into the caches [rows, Hkv, S_max, D]; returns roped q
+    [T, Hq, D]. cos/sin: float32 [S_max, D] tables in the rotate-half convention."""
+    _require_triton()
+    tokens = qkv.shape[0]
+    head_dim = k_cache.shape[-1]
+    if qkv.shape[1] != (num_heads + 2 * num_kv_heads) * head_dim or qkv.stride(1) != 1:
+        raise ValueError(f"qkv must be [T, (Hq + 2 Hkv) * D] contiguous in the last axis, got {tuple(qkv.shape)}")
+    if k_cache.stride() != v_cache.stride() or k_cache.stride(-1) != 1:
+        raise ValueError("k_cache and v_cache must share strides and be contiguous in D")
+    if head_dim % 2 or head_dim != _next_pow2(head_dim):
+        raise ValueError(f"head_dim must be an even power of two, got {head_dim}")
+    q = torch.empty(tokens, num_heads, head_dim, dtype=qkv.dtype, device=qkv.device)
+    if tokens:
+        sk = k_cache.stride()
+        _rope_kv_kernel[(tokens, num_heads + num_kv_heads)](
+            qkv, positions, slots, cos, sin, q, k_cache, v_cache,
+            qkv.stride(0), cos.stride(0), sk[0], sk[1], sk[2],
+            HQ=num_heads, HKV=num_kv_heads, HALF=head_dim // 2, num_warps=1,
+        )
+    return q
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """[..., 2I] (gate | up) fp16 -> SiLU(gate) * up [..., I]."""
+    _require_triton()
+    shape = gate_up.shape
+    inter = shape[-1] // 2
+    g2 = gate_up.reshape(-1, shape[-1])
+    if g2.stride(1) != 1:
+        g2 = g2.contiguous()
+    out = torch.empty(g2.shape[0], inter, dtype=gate_up.dtype, device=gate_up.device)
+    if g2.shape[0]:
+        block = 1024
+        _silu_mul_kernel[(g2.shape[0], triton.cdiv(inter, block))](
+            g2, out, inter, g2.stride(0), BLOCK=block, num_warps=4,
+        )
+    return out.view(*shape[:-1], inter)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _add_rms_norm_kernel(x_ptr, r_ptr, w_ptr, normed_ptr, total_ptr, D, eps,
+                             HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.arange(0, BLOCK)
+        mask = cols < D
+        x = tl.load(x_ptr + row * D + cols, mask=mask, other=0.0)
+        if HAS_RESIDUAL:
+            r = tl.load(r_ptr + row * D + cols, mask=mask, other=0.0)
+            # The residual stream is fp16 (rounded after each add, as the reference does).
+            x = (x.to(tl.float32) + r.to(tl.float32)).to(tl.float16)
+            tl.store(total_ptr + row * D + cols, x, mask=mask)
+        xf = x.to(tl.float32)
+        inv_rms = tl.rsqrt(tl.sum(xf * xf, axis=0) / D + eps)
+        w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        tl.store(normed_ptr + row * D + cols, (xf * inv_rms * w).to(tl.float16), mask=mask)
+
+    @triton.jit
+    def _rope_kv_kernel(qkv_ptr, pos_ptr, slot_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr, v_ptr,
+                        stride_t, stride_cos, stride_kslot, stride_kh, stride_ks,
+                        HQ: tl.constexpr, HKV: tl.constexpr, HALF: tl.constexpr):
+        t = tl.program_id(0).to(tl.int64)
+        h = tl.program_id(1)
+        rd = tl.arange(0, HALF)
+        pos = tl.load(pos_ptr + t)
+        c = tl.load(cos_ptr + pos * stride_cos + rd)
+        s = tl.load(sin_ptr + pos * stride_cos + rd)
+        src = qkv_ptr + t * stride_t + h * (2 * HALF)
+        x1 = tl.load(src + rd).to(tl.float32)
+        x2 = tl.load(src + HALF + rd).to(tl.float32)
+        # rotate-half: [x1, x2] * cos + [-x2, x1] * sin
+        o1 = (x1 * c - x2 * s).to(tl.float16)
+        o2 = (x2 * c + x1 * s).to(tl.float16)
+        if h < HQ:
+            dst = q_ptr + (t * HQ + h) * (2 * HALF)
+            tl.store(dst + rd, o1)
+            tl.store(dst + HALF + rd, o2)
+        else:
+            kv_head = h - HQ
+            slot = tl.load(slot_ptr + t).to(tl.int64)
+            off = slot * stride_kslot + kv_head * stride_kh + pos * stride_ks
+            tl.store(k_ptr + off + rd, o1)
+            tl.store(k_ptr + off + HALF + rd, o2)
+            v_src = qkv_ptr + t * stride_t + (HQ + HKV + kv_head) * (2 * HALF)
+            tl.store(v_ptr + off + rd, tl.load(v_src + rd))
+            tl.store(v_ptr + off + HALF + rd, tl.load(v_src + HALF + rd))
+
+    @triton.jit
+    def _silu_mul_kernel(gu_ptr, out_ptr, I, stride_row, BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        mask = cols < I
+        g = tl.load(gu_ptr + row * stride_row + cols, mask=mask, other=0.0).to(tl.float32)
+        u = tl.load(gu_ptr + row * stride_row + I + cols, mask=mask, other=0.0).to(tl.float32)
+        y = g / (1.0 + tl.exp(-g)) * u
+        tl.store(out_ptr + row * I + cols, y.to(tl.float16), mask=mask)
