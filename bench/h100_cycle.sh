@@ -1,21 +1,45 @@
 #!/usr/bin/env bash
-# One build-check-benchmark cycle on the GPU machine (the `device` tool), results under $OUT.
-#   bash bench/h100_cycle.sh tests-and-decode   # GPU tests, then bench/decode.py (both shapes, vs transformers)
-#   bash bench/h100_cycle.sh serve-load         # the daemon on a 1B-shape INT4 engine under bench/load.py, 5 min
+# Build-check-benchmark steps on the GPU machine (the `device` tool), results under $OUT.
+# Name one or more steps; they run in the order given:
+#   tests       GPU tests (kernels, engines vs transformers, INT4 CUDA vs CPU, weights loader, doctor)
+#   profile     where an 8B batch-1 decode step's time goes (bench/profile_step.py)
+#   sweep       W4A16 kernel table + candidate configurations (bench/kernels.py --sweep, decode shapes)
+#   decode      bench/decode.py: both shapes, vs transformers eager and static cache + compile
+#   decode-ours bench/decode.py without transformers (quicker)
+#   serve-load  the daemon on a 1B-shape INT4 engine under bench/load.py, 5 min
+# e.g. bash bench/h100_cycle.sh tests profile decode-ours
 # The generated gRPC message code is ignored by git: carry runtime/edgellm/v1/*_pb2.py.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=$PWD/runtime:$PWD/tests PYTHONUNBUFFERED=1 TRITON_CACHE_DIR=/tmp/edgellm-kernel-cache
 OUT=${OUT:-out}
 mkdir -p "$OUT"
-case ${1:-} in
-tests-and-decode)
-    timeout 200 python3 -m pytest -q -p no:cacheprovider -m gpu -rs tests/test_kernels_gpu.py tests/test_engine_hf.py \
-        tests/test_doctor.py -s 2>&1 | tee "$OUT/gpu-tests.txt" | grep -E "relative|error|passed|failed|PASS|FAIL|doctor|gpu" | tail -40
-    timeout 330 python3 bench/decode.py --out "$OUT" --hf-batches 1,4 2>&1 | tee "$OUT/decode.txt" | tail -30
-    ;;
-serve-load)
-    python3 - <<'PY'
+[ $# -gt 0 ] || { sed -n 2,11p "$0" >&2; exit 2; }
+for step in "$@"; do
+    echo "=== $step ($(date +%T))"
+    case $step in
+    tests)
+        files=$(ls tests/test_kernels_gpu.py tests/test_engine_hf.py tests/test_engine_gpu.py tests/test_weights.py \
+            tests/test_doctor.py 2>/dev/null)
+        timeout 300 python3 -m pytest -q -p no:cacheprovider -m gpu -rs $files -s 2>&1 | tee "$OUT/gpu-tests.txt" \
+            | grep -E "rel err|relative|error|passed|failed|FAIL|ok |tokens" | tail -60
+        ;;
+    profile)
+        timeout 150 python3 bench/profile_step.py --shape llama-3.1-8b --batch 1 --out "$OUT/profile-8b.json" 2>&1 \
+            | tee "$OUT/profile.txt" | tail -32
+        ;;
+    sweep)
+        timeout 240 python3 bench/kernels.py --out "$OUT/kernels.json" --sweep --no-prefill \
+            --sweep-shapes "8B gate_up,8B down,1B qkv" --sweep-m 1,4 2>&1 | tee "$OUT/kernels.txt" | tail -45
+        ;;
+    decode)
+        timeout 480 python3 bench/decode.py --out "$OUT" --hf-batches 1,4 2>&1 | tee "$OUT/decode.txt" | tail -30
+        ;;
+    decode-ours)
+        timeout 300 python3 bench/decode.py --out "$OUT" --skip-hf 2>&1 | tee "$OUT/decode.txt" | tail -30
+        ;;
+    serve-load)
+        python3 - <<'PY'
 from pathlib import Path
 import tempfile
 from edgellm.engine.demo_tokenizer import train_demo_tokenizer
@@ -24,9 +48,10 @@ tok = Path(tempfile.mkdtemp()) / "tok"; tok.mkdir()
 train_demo_tokenizer(tok)
 write_random_engine(Path("/tmp/llama-1b-int4"), "llama-3.2-1b", tok, max_batch=4, max_seq_len=2048, target_sms=["9.0"], device="cuda")
 PY
-    timeout 420 python3 bench/load.py --engine /tmp/llama-1b-int4 --device cuda --minutes 5 --out "$OUT/load-gpu.json" 2>&1 \
-        | tee "$OUT/load-gpu.txt" | tail -40
-    ;;
-*)
-    echo "usage: $0 tests-and-decode|serve-load" >&2; exit 2 ;;
-esac
+        timeout 420 python3 bench/load.py --engine /tmp/llama-1b-int4 --device cuda --minutes 5 --out "$OUT/load-gpu.json" 2>&1 \
+            | tee "$OUT/load-gpu.txt" | tail -40
+        ;;
+    *)
+        echo "unknown step $step" >&2; sed -n 2,11p "$0" >&2; exit 2 ;;
+    esac
+done

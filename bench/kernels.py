@@ -118,10 +118,7 @@ def candidates(m: int, n: int, k: int, g: int, sms: int):
             # Tile shapes: rows per program x K per iteration (longer contiguous row segments
             # per warp at larger BK), warps, programs per SM (split K), prefetch.
             for bn, bk, warps in ((64, 128, 4), (128, 128, 8), (32, 256, 4), (16, 512, 4), (32, 512, 8), (64, 256, 8)):
-                for waves in (4, 8):
-                    for prefetch in (True, False):
-                        out.append(C("gemv", bm, bn, bk, split(w4a16.cdiv(n, bn), w4a16.cdiv(k, bk), sms, waves=waves),
-                                     warps, 1, prefetch))
+                out.append(C("gemv", bm, bn, bk, split(w4a16.cdiv(n, bn), w4a16.cdiv(k, bk), sms, waves=4), warps, 1))
         for waves in (1, 2):
             out.append(C("mma", 16, 64, 128, split(w4a16.cdiv(n, 64), w4a16.cdiv(k, 128), sms, waves=waves), 4, 3))
             out.append(C("mma", 16, 128, 128, split(w4a16.cdiv(n, 128), w4a16.cdiv(k, 128), sms, waves=waves), 8, 3))

@@ -254,7 +254,14 @@ def test_silu_mul_matches_reference():
 
 
 @pytest.mark.parametrize("hq,hkv,d", [(32, 8, 128), (32, 8, 64), (12, 12, 64)])
-def test_rope_and_write_kv_matches_reference(hq, hkv, d):
+@pytest.mark.parametrize(
+    "slot_list,position_rows",
+    [([3, 0], [[1000, 1001, 1002], [0, 1, 2]]),  # two rows of three tokens
+     ([2], [list(range(9))]),  # prefill: one row (slot 2), nine tokens
+     ([1, 3, 0], [[5], [700], [0]])],  # decode: three rows, one token each
+    ids=["2x3", "prefill", "decode"],
+)
+def test_rope_and_write_kv_matches_reference(hq, hkv, d, slot_list, position_rows):
     """Roped q returned, roped k and plain v at exactly each token's (slot, position); nothing else written."""
     from edgellm.engine.config import ModelConfig
     from edgellm.engine.kernels import fused
@@ -271,14 +278,13 @@ def test_rope_and_write_kv_matches_reference(hq, hkv, d):
     )
     s_max, rows = 1024, 4
     cos, sin = (t.cuda() for t in rope_cos_sin(config, s_max))
-    slots = torch.tensor([3, 0], device="cuda")
-    positions = torch.tensor([[1000, 1001, 1002], [0, 1, 2]], device="cuda")
+    slots = torch.tensor(slot_list, device="cuda")
+    positions = torch.tensor(position_rows, device="cuda")
     b, t = positions.shape
     qkv = torch.randn(b * t, (hq + 2 * hkv) * d, device="cuda").half()
     k_cache = _poisoned(rows, hkv, s_max, d)
     v_cache = _poisoned(rows, hkv, s_max, d)
-    q = fused.rope_and_write_kv(qkv, positions.reshape(-1), slots[:, None].expand(b, t).reshape(-1), cos, sin,
-                                k_cache, v_cache, hq, hkv)
+    q = fused.rope_and_write_kv(qkv, positions, slots, cos, sin, k_cache, v_cache, hq, hkv)
     qf, kf, vf = qkv.view(b, t, -1).float().split([hq * d, hkv * d, hkv * d], dim=-1)
     c, s = cos[positions], sin[positions]
     q_ref = apply_rope(qf.view(b, t, hq, d), c, s)

@@ -120,10 +120,8 @@ class Attention(nn.Module):
         cache = self.kv_cache
         scale = 1.0 / math.sqrt(c.head_dim)
         if self.kernels is not None:
-            token_slots = slots[:, None].expand(b, t).reshape(-1)
             q = self.kernels.rope_and_write_kv(
-                qkv.view(b * t, -1), positions.reshape(-1), token_slots, *rope, cache.k, cache.v,
-                c.num_heads, c.num_kv_heads,
+                qkv.view(b * t, -1), positions, slots, *rope, cache.k, cache.v, c.num_heads, c.num_kv_heads,
             ).view(b, t, c.num_heads, c.head_dim)
             if t == 1:
                 out = self.kernels.decode_attention(q[:, 0], cache.k, cache.v, slots, seq_lens, scale)

@@ -79,24 +79,29 @@ def rope_and_write_kv(
     num_heads: int,
     num_kv_heads: int,
 ) -> torch.Tensor:
-    """qkv [T, (Hq + 2 Hkv) * D] fp16 for T tokens; token t sits at positions[t] of cache row
-    slots[t]. Writes roped k and v into the caches [rows, Hkv, S_max, D]; returns roped q
-    [T, Hq, D]. cos/sin: float32 [S_max, D] tables in the rotate-half convention."""
+    """qkv [B * T, (Hq + 2 Hkv) * D] fp16 for T tokens of each of B rows; token t of row b
+    sits at positions[b, t] of cache row slots[b]. Writes roped k and v into the caches
+    [rows, Hkv, S_max, D]; returns roped q [B * T, Hq, D]. cos/sin: float32 [S_max, D]
+    tables in the rotate-half convention."""
     _require_triton()
+    rows, per_row = positions.shape
     tokens = qkv.shape[0]
     head_dim = k_cache.shape[-1]
+    if tokens != rows * per_row or slots.shape != (rows,):
+        raise ValueError(f"qkv has {tokens} tokens; positions {tuple(positions.shape)} and slots {tuple(slots.shape)} must be [B, T] and [B]")
     if qkv.shape[1] != (num_heads + 2 * num_kv_heads) * head_dim or qkv.stride(1) != 1:
         raise ValueError(f"qkv must be [T, (Hq + 2 Hkv) * D] contiguous in the last axis, got {tuple(qkv.shape)}")
     if k_cache.stride() != v_cache.stride() or k_cache.stride(-1) != 1:
         raise ValueError("k_cache and v_cache must share strides and be contiguous in D")
     if head_dim % 2 or head_dim != _next_pow2(head_dim):
         raise ValueError(f"head_dim must be an even power of two, got {head_dim}")
+    positions, slots = positions.contiguous(), slots.contiguous()  # no-ops on the engine's own inputs
     q = torch.empty(tokens, num_heads, head_dim, dtype=qkv.dtype, device=qkv.device)
     if tokens:
         sk = k_cache.stride()
         _rope_kv_kernel[(tokens, num_heads + num_kv_heads)](
             qkv, positions, slots, cos, sin, q, k_cache, v_cache,
-            qkv.stride(0), cos.stride(0), sk[0], sk[1], sk[2],
+            per_row, qkv.stride(0), cos.stride(0), sk[0], sk[1], sk[2],
             HQ=num_heads, HKV=num_kv_heads, HALF=head_dim // 2, num_warps=1,
         )
     return q
@@ -140,7 +145,7 @@ if triton is not None:
 
     @triton.jit
     def _rope_kv_kernel(qkv_ptr, pos_ptr, slot_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr, v_ptr,
-                        stride_t, stride_cos, stride_kslot, stride_kh, stride_ks,
+                        tokens_per_row, stride_t, stride_cos, stride_kslot, stride_kh, stride_ks,
                         HQ: tl.constexpr, HKV: tl.constexpr, HALF: tl.constexpr):
         t = tl.program_id(0).to(tl.int64)
         h = tl.program_id(1)
@@ -160,7 +165,7 @@ if triton is not None:
             tl.store(dst + HALF + rd, o2)
         else:
             kv_head = h - HQ
-            slot = tl.load(slot_ptr + t).to(tl.int64)
+            slot = tl.load(slot_ptr + t // tokens_per_row).to(tl.int64)
             off = slot * stride_kslot + kv_head * stride_kh + pos * stride_ks
             tl.store(k_ptr + off + rd, o1)
             tl.store(k_ptr + off + HALF + rd, o2)
