@@ -150,6 +150,8 @@ START_TO_WARM = r"""
 import time, sys, os
 t0 = time.perf_counter()
 sys.path.insert(0, os.environ["EDGELLM_RUNTIME"])
+from edgellm.engine.cuda_context import start_creating_context
+start_creating_context("cuda")  # as `edgellm serve` does
 import torch
 from edgellm.engine.runner import Engine
 t_import = time.perf_counter()
@@ -165,7 +167,8 @@ print("TIMES", json.dumps({"import_s": t_import - t0, "load_s": t_load - t_impor
 
 
 def bench_start_to_warm(engine_dir: Path, kernel_cache: Path) -> dict:
-    """A fresh process: import, load (verify, read, place), warm up (kernels, graph capture).
+    """A fresh process, started as the daemon starts: the CUDA context created on a thread
+    beside the imports, then load (verify, read, place), warm up (kernels, graph capture).
     Kernel binaries are cached in kernel_cache (TRITON_CACHE_DIR), as the daemon caches
     them under /var/cache/edgellm: the first start on a device compiles, later ones reuse."""
     env = dict(os.environ, EDGELLM_RUNTIME=str(ROOT / "runtime"), TRITON_CACHE_DIR=str(kernel_cache))

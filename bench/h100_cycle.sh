@@ -2,8 +2,9 @@
 # Build-check-benchmark steps on the GPU machine (the `device` tool), results under $OUT.
 # Name one or more steps; they run in the order given:
 #   tests       GPU tests (kernels, engines vs transformers, INT4 CUDA vs CPU, weights loader, doctor)
-#   profile     where an 8B batch-1 decode step's time goes (bench/profile_step.py)
+#   profile     where a batch-1 decode step's time goes, 8B and 1B shapes (bench/profile_step.py)
 #   sweep       W4A16 kernel table + candidate configurations (bench/kernels.py --sweep, decode shapes)
+#   startup     what a fresh process spends on `import torch` and on creating the CUDA context
 #   decode      bench/decode.py: both shapes, vs transformers eager and static cache + compile
 #   decode-ours bench/decode.py without transformers (quicker)
 #   serve-load  the daemon on a 1B-shape INT4 engine under bench/load.py, 5 min
@@ -14,7 +15,7 @@ cd "$(dirname "$0")/.."
 export PYTHONPATH=$PWD/runtime:$PWD/tests PYTHONUNBUFFERED=1 TRITON_CACHE_DIR=/tmp/edgellm-kernel-cache
 OUT=${OUT:-out}
 mkdir -p "$OUT"
-[ $# -gt 0 ] || { sed -n 2,11p "$0" >&2; exit 2; }
+[ $# -gt 0 ] || { sed -n 2,12p "$0" >&2; exit 2; }
 for step in "$@"; do
     echo "=== $step ($(date +%T))"
     case $step in
@@ -25,12 +26,20 @@ for step in "$@"; do
             | grep -E "rel err|relative|error|passed|failed|FAIL|ok |tokens" | tail -60
         ;;
     profile)
-        timeout 150 python3 bench/profile_step.py --shape llama-3.1-8b --batch 1 --out "$OUT/profile-8b.json" 2>&1 \
-            | tee "$OUT/profile.txt" | tail -32
+        for shape in llama-3.1-8b llama-3.2-1b; do
+            timeout 150 python3 bench/profile_step.py --shape $shape --batch 1 --out "$OUT/profile-$shape.json" 2>&1 \
+                | grep -v Warning | tee -a "$OUT/profile.txt" | head -14
+        done
         ;;
     sweep)
         timeout 240 python3 bench/kernels.py --out "$OUT/kernels.json" --sweep --no-prefill \
             --sweep-shapes "8B gate_up,8B down,1B qkv" --sweep-m 1,4 2>&1 | tee "$OUT/kernels.txt" | tail -45
+        ;;
+    startup)
+        for i in 1 2; do
+            python3 -c "import time; t0 = time.perf_counter(); import torch; t1 = time.perf_counter(); torch.zeros(1, device='cuda'); torch.cuda.synchronize(); print(f'import torch {t1 - t0:.2f} s, CUDA context {time.perf_counter() - t1:.2f} s')"
+        done
+        nvidia-smi --query-gpu=persistence_mode --format=csv,noheader | sed 's/^/persistence mode: /'
         ;;
     decode)
         timeout 480 python3 bench/decode.py --out "$OUT" --hf-batches 1,4 2>&1 | tee "$OUT/decode.txt" | tail -30
@@ -52,6 +61,6 @@ PY
             | tee "$OUT/load-gpu.txt" | tail -40
         ;;
     *)
-        echo "unknown step $step" >&2; sed -n 2,11p "$0" >&2; exit 2 ;;
+        echo "unknown step $step" >&2; sed -n 2,12p "$0" >&2; exit 2 ;;
     esac
 done

@@ -153,3 +153,14 @@ def test_cli_errors_are_one_line(demo_engine):
     assert "Traceback" not in out.stderr
     out = edgellm("run", demo_engine, "--prompt", "", "--device", "cpu", check=False)
     assert out.returncode == 2 and "error: the prompt is empty" in out.stderr
+
+
+def test_loading_an_engine_does_not_import_the_compiler_stack(demo_engine):
+    """torch._dynamo (and sympy) cost seconds of start-up; nothing in load or warm-up needs them."""
+    code = (
+        "import sys; from edgellm.engine.runner import Engine; "
+        f"e = Engine.load({str(demo_engine)!r}, device='cpu'); e.warm_up(); "
+        "print(sorted(m for m in ('torch._dynamo', 'sympy') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=300)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr

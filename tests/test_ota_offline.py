@@ -445,3 +445,20 @@ def test_cli_keygen_sign_verify(tmp_path, demo_engine, capsys):
     assert "FAIL  wrong-sm" in out and "[wrong-sm]" in err
     assert main(["verify", str(bundle), "--trust", str(trust), "--current-version", "3"]) == 2
     assert "FAIL  version-not-newer" in capsys.readouterr().out
+
+
+def test_cli_sign_refuses_a_whole_file_hash_that_disagrees_with_the_chunks(tmp_path, demo_engine, capsys):
+    """Devices check chunk hashes, older tools the whole-file sha256: sign vouches for both."""
+    from edgellm.cli import main
+
+    engine = tmp_path / "engine"
+    shutil.copytree(demo_engine, engine)
+    path = engine / "manifest.json"
+    data = json.loads(path.read_text())
+    data["files"]["model.safetensors"]["sha256"] = "0" * 64
+    path.write_text(json.dumps(data))
+    assert main(["keygen", "-o", str(tmp_path / "fleet")]) == 0
+    bundle = tmp_path / "e.bundle"
+    assert main(["sign", str(engine), "--key", str(tmp_path / "fleet.key"), "--version", "3", "-o", str(bundle)]) == 2
+    assert "whole-file sha256 for model.safetensors that does not match" in capsys.readouterr().err
+    assert not bundle.exists()

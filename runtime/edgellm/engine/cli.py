@@ -93,6 +93,9 @@ def cmd_demo_engine(args) -> int:
 
 
 def cmd_run(args) -> int:
+    from edgellm.engine.cuda_context import start_creating_context
+
+    start_creating_context(args.device)  # beside the torch import below
     from edgellm.engine.generate import BatchGeneration
     from edgellm.engine.runner import Engine
     from edgellm.engine.sampling import SamplingParams

@@ -9,8 +9,9 @@ import dataclasses
 import hashlib
 import json
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, Iterable
 
 from edgellm import __version__
 from edgellm.errors import DeviceMismatchError, EngineFormatError
@@ -20,6 +21,13 @@ MANIFEST_NAME = "manifest.json"
 CPU_TARGET = "cpu"
 QUANT_SCHEMES = ("int4-awq", "int4-rtn", "fp16")
 _HASH_CHUNK = 1 << 20
+# Each file is also hashed in chunks of this many bytes (`chunk_sha256`), so that checking it
+# spreads over cores and the loader can verify the very bytes it uploads, chunk by chunk.
+# 64 MiB: ~70 chunks for an 8B engine, enough to keep 8 threads busy, few enough that the
+# manifest stays small (65 bytes per chunk) and a thread's buffer stays modest.
+CHUNK_SIZE = 64 << 20
+MAX_CHUNK_SIZE = 1 << 30  # each loader thread stages one chunk in pinned memory: bounded
+MAX_HASH_THREADS = 8
 
 
 def sha256_file(path: Path) -> str:
@@ -63,7 +71,7 @@ class Manifest:
     target_sms: list[str]
     builder: dict[str, Any]
     min_runtime_version: str
-    files: dict[str, dict[str, Any]]  # relative path -> {"sha256", "size"}
+    files: dict[str, dict[str, Any]]  # relative path -> {"sha256", "size", "chunk_size", "chunk_sha256"}
     tokenizer: dict[str, Any] = dataclasses.field(default_factory=dict)
     created: str = ""
     format_version: int = FORMAT_VERSION
@@ -99,8 +107,9 @@ class Manifest:
             raise EngineFormatError(f"{where} lists no files")
         for rel, entry in self.files.items():
             check_relative_path(rel)
-            if not isinstance(entry, dict) or not isinstance(entry.get("sha256"), str) or not isinstance(entry.get("size"), int):
+            if not isinstance(entry, dict) or not isinstance(entry.get("sha256"), str) or not _is_count(entry.get("size")):
                 raise EngineFormatError(f"{where}: entry for {rel!r} needs sha256 and size")
+            _check_chunks(where, rel, entry)
         if self.quantization.get("scheme") not in QUANT_SCHEMES:
             raise EngineFormatError(f"{where}: unknown quantization scheme {self.quantization.get('scheme')!r}")
         self.target_sms = [normalize_sm(s) for s in self.target_sms]
@@ -142,14 +151,91 @@ class Manifest:
             )
 
 
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _is_sha256(value: Any) -> bool:
+    return isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)
+
+
+def _check_chunks(where: str, rel: str, entry: dict[str, Any]) -> None:
+    """Chunk hashes are optional (engines built before them have none) but, when present, complete."""
+    chunk_size, chunks = entry.get("chunk_size"), entry.get("chunk_sha256")
+    if chunk_size is None and chunks is None:
+        return
+    if not _is_count(chunk_size) or not 0 < chunk_size <= MAX_CHUNK_SIZE:
+        raise EngineFormatError(f"{where}: entry for {rel!r} has chunk_size {chunk_size!r}, expected a byte count in "
+                                f"1..{MAX_CHUNK_SIZE}; the manifest is damaged, rebuild the engine")
+    expected = -(-entry["size"] // chunk_size)
+    if not isinstance(chunks, list) or len(chunks) != expected or not all(_is_sha256(c) for c in chunks):
+        found = f"{len(chunks)} entries" if isinstance(chunks, list) else repr(type(chunks).__name__)
+        raise EngineFormatError(
+            f"{where}: entry for {rel!r} needs chunk_sha256 as {expected} sha256 hex digests ({entry['size']} bytes in "
+            f"chunks of {chunk_size}), found {found}; the manifest is damaged, rebuild the engine"
+        )
+
+
 def check_relative_path(rel: str) -> None:
     p = PurePosixPath(rel)
     if p.is_absolute() or ".." in p.parts or rel != str(p) or rel in ("", "."):
         raise EngineFormatError(f"engine file name {rel!r} is not a plain relative path")
 
 
-def describe_files(engine_dir: Path, names: list[str]) -> dict[str, dict[str, Any]]:
-    return {rel: {"sha256": sha256_file(engine_dir / rel), "size": (engine_dir / rel).stat().st_size} for rel in sorted(names)}
+def describe_files(engine_dir: Path, names: list[str], chunk_size: int = CHUNK_SIZE) -> dict[str, dict[str, Any]]:
+    """The manifest's `files`: size, whole-file sha256 (bundles and older runtimes use it) and
+    the sha256 of each chunk_size piece (parallel verification; the last piece is shorter)."""
+    files = {}
+    with ThreadPoolExecutor(hash_threads()) as pool:
+        for rel in sorted(names):
+            path = Path(engine_dir) / rel
+            size = path.stat().st_size
+            with open(path, "rb") as f:
+                whole = pool.submit(sha256_file, path)  # sequential by nature: runs beside the chunks
+                chunks = [pool.submit(hash_range, f.fileno(), *span) for span in chunk_spans(size, chunk_size)]
+                files[rel] = {"sha256": whole.result(), "size": size, "chunk_size": chunk_size,
+                              "chunk_sha256": [c.result() for c in chunks]}
+    return files
+
+
+def hash_threads() -> int:
+    """Threads for hashing: the cores this process may run on, at most MAX_HASH_THREADS
+    (beyond that page-cache reads, not hashing, set the pace)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(MAX_HASH_THREADS, cores))
+
+
+def chunk_spans(size: int, chunk_size: int) -> list[tuple[int, int]]:
+    """[start, end) byte ranges of consecutive chunks covering `size` bytes."""
+    return [(start, min(start + chunk_size, size)) for start in range(0, size, chunk_size)]
+
+
+def read_into(fd: int, buf: memoryview, offset: int) -> int:
+    """Fill buf from fd at offset (positional, so threads share one fd); returns the bytes
+    read, fewer than len(buf) only at end of file."""
+    done = 0
+    while done < len(buf):
+        n = os.preadv(fd, [buf[done:]], offset + done)
+        if n == 0:
+            break
+        done += n
+    return done
+
+
+def hash_range(fd: int, start: int, end: int) -> str:
+    """sha256 of bytes [start, end) of fd, or of fewer bytes if the file ends sooner (a short
+    file then fails its size check or the hash). Reads in small pieces so that many threads
+    hashing at once need little memory; hashlib drops the GIL while it hashes each piece."""
+    h = hashlib.sha256()
+    buf = memoryview(bytearray(min(_HASH_CHUNK, max(end - start, 0))))
+    offset = start
+    while offset < end:
+        n = read_into(fd, buf[: min(len(buf), end - offset)], offset)
+        if n == 0:
+            break
+        h.update(buf[:n])
+        offset += n
+    return h.hexdigest()
 
 
 def read_manifest(engine_dir: Path) -> Manifest:
@@ -165,20 +251,68 @@ def write_manifest(engine_dir: Path, manifest: Manifest) -> None:
     os.replace(tmp, Path(engine_dir) / MANIFEST_NAME)
 
 
-def verify_files(engine_dir: Path, manifest: Manifest) -> None:
-    """Every listed file exists with the recorded size and sha256; nothing else is loaded."""
-    engine_dir = Path(engine_dir)
-    for rel, entry in manifest.files.items():
-        path = engine_dir / rel
-        if not path.is_file() or path.is_symlink():
-            raise EngineFormatError(f"engine file {rel} listed in the manifest is missing from {engine_dir}; re-push or rebuild the engine")
-        size = path.stat().st_size
-        if size != entry["size"]:
-            raise EngineFormatError(
-                f"engine file {rel} is {size} bytes, the manifest says {entry['size']}: it was modified or truncated; re-push or rebuild the engine"
-            )
-        digest = sha256_file(path)
-        if digest != entry["sha256"]:
-            raise EngineFormatError(
-                f"engine file {rel} has sha256 {digest[:16]}..., the manifest says {entry['sha256'][:16]}...: it was modified; re-push or rebuild the engine"
-            )
+def missing_file_error(engine_dir: Path, rel: str) -> EngineFormatError:
+    return EngineFormatError(f"engine file {rel} listed in the manifest is missing from {engine_dir}; re-push or rebuild the engine")
+
+
+def size_error(rel: str, size: int, expected: int) -> EngineFormatError:
+    return EngineFormatError(
+        f"engine file {rel} is {size} bytes, the manifest says {expected}: it was modified or truncated; re-push or rebuild the engine"
+    )
+
+
+def hash_error(rel: str, digest: str, expected: str, span: tuple[int, int] | None = None) -> EngineFormatError:
+    where = "" if span is None else f" in bytes {span[0]}..{span[1] - 1}"
+    return EngineFormatError(
+        f"engine file {rel} has sha256 {digest[:16]}...{where}, the manifest says {expected[:16]}...: it was modified; "
+        "re-push or rebuild the engine"
+    )
+
+
+def open_listed_file(engine_dir: Path, rel: str, entry: dict[str, Any]) -> int:
+    """A read-only fd for a listed file, refusing a missing file, a symlink or a size other
+    than the manifest's. The size is that of the opened file, the one that will be read."""
+    path = Path(engine_dir) / rel
+    if not path.is_file() or path.is_symlink():
+        raise missing_file_error(Path(engine_dir), rel)
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    except OSError as e:
+        raise EngineFormatError(f"engine file {rel} cannot be opened ({e.strerror}); re-push or rebuild the engine") from None
+    size = os.fstat(fd).st_size
+    if size != entry["size"]:
+        os.close(fd)
+        raise size_error(rel, size, entry["size"])
+    return fd
+
+
+def verify_files(engine_dir: Path, manifest: Manifest, names: Iterable[str] | None = None) -> None:
+    """Every listed file (or those of `names`) exists with the recorded size and sha256; nothing else is loaded.
+
+    Files with chunk hashes are checked chunk by chunk on several threads; older manifests
+    have only the whole-file sha256, checked in one sequential pass per file.
+    """
+    rels = list(manifest.files) if names is None else list(names)
+    fds: list[int] = []
+    jobs = []  # (future, rel, expected sha256, span or None for the whole file), in file order
+    with ThreadPoolExecutor(hash_threads()) as pool:
+        try:
+            for rel in rels:  # the cheap checks first, for every file
+                fds.append(open_listed_file(engine_dir, rel, manifest.files[rel]))
+            for rel, fd in zip(rels, fds):
+                entry = manifest.files[rel]
+                if "chunk_sha256" in entry:
+                    for span, expected in zip(chunk_spans(entry["size"], entry["chunk_size"]), entry["chunk_sha256"]):
+                        jobs.append((pool.submit(hash_range, fd, *span), rel, expected, span))
+                else:
+                    jobs.append((pool.submit(hash_range, fd, 0, entry["size"]), rel, entry["sha256"], None))
+            for future, rel, expected, span in jobs:
+                digest = future.result()
+                if digest != expected:
+                    raise hash_error(rel, digest, expected, span)
+        finally:
+            for future, *_ in jobs:
+                future.cancel()  # after a mismatch, do not hash the rest
+            pool.shutdown(wait=True)  # no thread may still read an fd closed below
+            for fd in fds:
+                os.close(fd)

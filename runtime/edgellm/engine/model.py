@@ -185,7 +185,9 @@ class Transformer(nn.Module):
         super().__init__()
         self.config = config
         c = config
-        self.tok_embeddings = nn.Embedding(c.vocab_size, c.hidden_size)
+        # An explicit (empty) weight skips nn.Embedding's random init: every weight is loaded
+        # anyway, and on the meta device that init imports torch._dynamo (seconds of start-up).
+        self.tok_embeddings = nn.Embedding(c.vocab_size, c.hidden_size, _weight=torch.empty(c.vocab_size, c.hidden_size))
         self.layers = nn.ModuleList()
         for i in range(c.num_layers):
             p = f"layers.{i}."

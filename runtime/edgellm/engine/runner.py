@@ -71,9 +71,6 @@ class Engine:
     def load(
         cls, engine_dir: Path, device: str = "auto", verify: bool = True, progress: Callable[[str], None] | None = None
     ) -> "Engine":
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
         from edgellm.engine.tokenizer import Tokenizer
 
         say = progress or (lambda _msg: None)
@@ -91,10 +88,13 @@ class Engine:
         dev = resolve_device(device)
         manifest.require_target(device_sm(dev))  # on CUDA this also initialises the context
         lap("device_init")
-        if verify:
-            say(f"verifying {len(manifest.files)} engine files")
-            verify_files(engine_dir, manifest)
-        lap("verify")
+        from edgellm.engine.weights import load_weights
+
+        if verify:  # the small files; the weights are verified chunk by chunk as they are read, in load_weights
+            others = [rel for rel in manifest.files if rel != WEIGHTS_NAME]
+            say(f"verifying {len(others)} other engine files")
+            verify_files(engine_dir, manifest, others)
+        lap("verify_other_files")
         config = ModelConfig.from_dict(manifest.model["config"])
         quant = manifest.quantization
         scheme = quant["scheme"]
@@ -108,11 +108,8 @@ class Engine:
         with torch.device("meta"):
             model = Transformer(config, linear_factory, manifest.max_seq_len)
         say(f"loading weights to {dev}")
-        try:
-            state = load_file(str(engine_dir / WEIGHTS_NAME), device=str(dev))
-        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-            raise EngineFormatError(f"{engine_dir / WEIGHTS_NAME} is not a readable safetensors file ({e}); rebuild the engine") from None
-        lap("read_weights")
+        state = load_weights(engine_dir, manifest, dev, verify=verify, progress=say)
+        lap("read_verify_weights")
         expected = set(model.state_dict().keys())
         if set(state) != expected:
             extra, missing = sorted(set(state) - expected), sorted(expected - set(state))

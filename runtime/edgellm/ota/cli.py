@@ -51,12 +51,19 @@ def cmd_keygen(args) -> int:
 
 
 def cmd_sign(args) -> int:
-    from edgellm.engine.manifest import MANIFEST_NAME, read_manifest, verify_files
+    from edgellm.engine.manifest import MANIFEST_NAME, read_manifest, sha256_file, verify_files
+    from edgellm.errors import EngineFormatError
     from edgellm.ota.bundle import write_bundle
     from edgellm.ota.signing import load_private_key, make_statement, parse_expiry, sign_statement
 
     manifest = read_manifest(args.engine_dir)
     verify_files(args.engine_dir, manifest)  # never sign a damaged engine
+    # verify_files checks chunk hashes where the manifest has them; older tools read the
+    # whole-file sha256 instead, and a signature vouches for both.
+    for rel, entry in manifest.files.items():
+        if "chunk_sha256" in entry and sha256_file(args.engine_dir / rel) != entry["sha256"]:
+            raise EngineFormatError(f"{MANIFEST_NAME} records a whole-file sha256 for {rel} that does not match "
+                                    "the file (its chunk hashes do); rebuild the engine before signing it")
     manifest_bytes = (args.engine_dir / MANIFEST_NAME).read_bytes()
     expires = parse_expiry(args.expires) if args.expires else None
     key = None if args.unsigned else load_private_key(args.key)

@@ -95,6 +95,10 @@ def cmd_serve(args) -> int:
         "log_level": args.log_level,
     }
     config = load_config(args.config, overrides)
+    # The GPU's context comes up beside the torch import and socket set-up, not after them.
+    from edgellm.engine.cuda_context import start_creating_context
+
+    start_creating_context(config.device)
     attach = None
     if config.store is not None:
         extension, why = _store_extension()
