@@ -298,3 +298,13 @@ def test_rope_and_write_kv_matches_reference(hq, hkv, d, slot_list, position_row
     assert torch.equal(written_v, vf.view(b, t, hkv, d).half()), "v is copied into the cache unchanged"
     written = (~torch.isnan(k_cache)).any(-1).sum().item() + (~torch.isnan(v_cache)).any(-1).sum().item()
     assert written == 2 * b * t * hkv, "only the tokens' own cache rows are written"
+
+
+@pytest.mark.parametrize("rows,vocab", [(1, 128256), (4, 32000), (3, 4097)])
+def test_greedy_argmax_matches_torch(rows, vocab):
+    from edgellm.engine.kernels.argmax import argmax_rows
+
+    torch.manual_seed(rows)
+    logits = torch.randn(rows, vocab, device="cuda")
+    logits[0, vocab // 3] = logits[0, vocab - 1] = logits[0].max() + 1  # a tie across blocks: the first wins
+    assert torch.equal(argmax_rows(logits), logits.argmax(dim=-1))

@@ -82,6 +82,18 @@ class Sampler:
 def sample_batch(logits: torch.Tensor, samplers: list[Sampler]) -> list[int]:
     """One token per row; a single device-to-host copy for the whole batch."""
     if all(s.greedy and s.seen is None for s in samplers):
-        return logits.argmax(dim=-1).tolist()
+        return greedy_tokens(logits).tolist()
     tokens = torch.stack([s.next_token(logits[i]) for i, s in enumerate(samplers)])
     return tokens.tolist()
+
+
+def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
+    """argmax of each row of [B, V] logits (on CUDA a Triton kernel: torch's reduction over
+    a 128K vocabulary takes longer than two transformer layers of a 1B model)."""
+    from edgellm.engine import kernels
+
+    if logits.is_cuda and kernels.available():
+        from edgellm.engine.kernels.argmax import argmax_rows
+
+        return argmax_rows(logits)
+    return logits.argmax(dim=-1)
