@@ -6,6 +6,7 @@
 #   sweep       W4A16 kernel table + candidate configurations (bench/kernels.py --sweep, decode shapes)
 #   startup     what a fresh process spends on `import torch` and on creating the CUDA context
 #   decode      bench/decode.py: both shapes, vs transformers eager and static cache + compile
+#               (transformers at batches $HF_BATCHES, default 1,4)
 #   decode-ours bench/decode.py without transformers (quicker)
 #   serve-load  the daemon on a 1B-shape INT4 engine under bench/load.py, 5 min
 # e.g. bash bench/h100_cycle.sh tests profile decode-ours
@@ -15,7 +16,7 @@ cd "$(dirname "$0")/.."
 export PYTHONPATH=$PWD/runtime:$PWD/tests PYTHONUNBUFFERED=1 TRITON_CACHE_DIR=/tmp/edgellm-kernel-cache
 OUT=${OUT:-out}
 mkdir -p "$OUT"
-[ $# -gt 0 ] || { sed -n 2,12p "$0" >&2; exit 2; }
+[ $# -gt 0 ] || { sed -n 2,13p "$0" >&2; exit 2; }
 for step in "$@"; do
     echo "=== $step ($(date +%T))"
     case $step in
@@ -42,7 +43,7 @@ for step in "$@"; do
         nvidia-smi --query-gpu=persistence_mode --format=csv,noheader | sed 's/^/persistence mode: /'
         ;;
     decode)
-        timeout 480 python3 bench/decode.py --out "$OUT" --hf-batches 1,4 2>&1 | tee "$OUT/decode.txt" | tail -30
+        timeout 480 python3 bench/decode.py --out "$OUT" --hf-batches "${HF_BATCHES:-1,4}" 2>&1 | tee "$OUT/decode.txt" | tail -30
         ;;
     decode-ours)
         timeout 300 python3 bench/decode.py --out "$OUT" --skip-hf 2>&1 | tee "$OUT/decode.txt" | tail -30
@@ -61,6 +62,6 @@ PY
             | tee "$OUT/load-gpu.txt" | tail -40
         ;;
     *)
-        echo "unknown step $step" >&2; sed -n 2,12p "$0" >&2; exit 2 ;;
+        echo "unknown step $step" >&2; sed -n 2,13p "$0" >&2; exit 2 ;;
     esac
 done
