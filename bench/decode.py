@@ -244,6 +244,10 @@ def plot(records: list[dict], bandwidth: float, path: Path) -> None:
         hf = [r for r in rs if r.get("hf_eager_tok_s")]
         if hf:
             ax.plot([r["batch"] for r in hf], [r["hf_eager_tok_s"] for r in hf], "x:", label=f"{shape} transformers FP16 eager")
+        compiled = [r for r in rs if r.get("hf_compiled_tok_s")]
+        if compiled:
+            ax.plot([r["batch"] for r in compiled], [r["hf_compiled_tok_s"] for r in compiled], "+:",
+                    label=f"{shape} transformers FP16 static cache + compile")
     ax.set_xlabel("batch")
     ax.set_ylabel("decode tokens/s (aggregate)")
     ax.set_yscale("log")
