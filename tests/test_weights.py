@@ -325,3 +325,24 @@ def test_cuda_tampered_chunk_frees_the_device_buffer(engine_copy):
     with pytest.raises(EngineFormatError, match=rf"in bytes {11 * SMALL_CHUNK}\.\.{12 * SMALL_CHUNK - 1}, .* it was modified"):
         load_weights(engine_copy, read_manifest(engine_copy), cuda)
     assert torch.cuda.memory_allocated() == before
+
+
+def test_cuda_context_thread_is_quiet_without_a_gpu():
+    """`edgellm serve` starts it before anything else: on a host without a GPU or driver it
+    must end without raising (torch reports the real problem when the engine loads)."""
+    import threading
+
+    from edgellm.engine.cuda_context import start_creating_context
+
+    assert start_creating_context("cpu") is None
+    errors = []
+    previous = threading.excepthook
+    threading.excepthook = lambda args: errors.append(args.exc_value)
+    try:
+        thread = start_creating_context("cuda")
+        if thread is not None:  # None where cuda-python is not installed
+            thread.join(timeout=60)
+            assert not thread.is_alive()
+    finally:
+        threading.excepthook = previous
+    assert errors == []

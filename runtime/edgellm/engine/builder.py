@@ -25,7 +25,7 @@ from edgellm.engine.config import ModelConfig
 from edgellm.engine.linear import dense_linear
 from edgellm.engine.manifest import Manifest, describe_files, normalize_sm, write_manifest
 from edgellm.engine.model import Transformer
-from edgellm.engine.runner import WEIGHTS_NAME
+from edgellm.engine.weights import WEIGHTS_NAME
 from edgellm.errors import ConfigError
 
 DEFAULT_CALIBRATION = Path(__file__).parent / "data" / "demo_corpus.txt"

@@ -19,7 +19,7 @@ from edgellm.engine.builder import MIN_RUNTIME_VERSION
 from edgellm.engine.config import ModelConfig
 from edgellm.engine.manifest import Manifest, describe_files, write_manifest
 from edgellm.engine.quant import WEIGHT_LAYOUT
-from edgellm.engine.runner import WEIGHTS_NAME
+from edgellm.engine.weights import WEIGHTS_NAME
 
 # Published shapes (config.json of meta-llama/Llama-3.2-1B and Llama-3.1-8B).
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,

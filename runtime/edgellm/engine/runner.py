@@ -18,9 +18,8 @@ from edgellm.engine.kernels import available as kernels_available
 from edgellm.engine.linear import Int4Linear, dense_linear
 from edgellm.engine.manifest import CPU_TARGET, Manifest, read_manifest, verify_files
 from edgellm.engine.model import Transformer
+from edgellm.engine.weights import WEIGHTS_NAME, load_weights
 from edgellm.errors import EngineFormatError, RequestError
-
-WEIGHTS_NAME = "model.safetensors"
 
 
 def device_sm(device: torch.device) -> str:
@@ -88,8 +87,6 @@ class Engine:
         dev = resolve_device(device)
         manifest.require_target(device_sm(dev))  # on CUDA this also initialises the context
         lap("device_init")
-        from edgellm.engine.weights import load_weights
-
         if verify:  # the small files; the weights are verified chunk by chunk as they are read, in load_weights
             others = [rel for rel in manifest.files if rel != WEIGHTS_NAME]
             say(f"verifying {len(others)} other engine files")

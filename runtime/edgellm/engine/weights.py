@@ -40,8 +40,9 @@ from edgellm.engine.manifest import (
     read_into,
     verify_files,
 )
-from edgellm.engine.runner import WEIGHTS_NAME
 from edgellm.errors import EngineFormatError
+
+WEIGHTS_NAME = "model.safetensors"  # the one weights file of an engine
 
 # The dtypes our builders write; anything else in an engine is damage, not a format to support.
 DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "I32": torch.int32,
