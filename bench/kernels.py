@@ -28,7 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "runtime"))
 
 from edgellm.engine.kernels import decode_attention as attn  # noqa: E402
-from edgellm.engine.kernels import w4a16  # noqa: E402
+from edgellm.engine.kernels import gemv_cuda, w4a16  # noqa: E402
 
 # (name, N, K): Llama-3.2-1B and Llama-3.1-8B projections (qkv and gate|up fused)
 SHAPES = [
@@ -119,6 +119,8 @@ def candidates(m: int, n: int, k: int, g: int, sms: int):
             # per warp at larger BK), warps, programs per SM (split K), prefetch.
             for bn, bk, warps in ((64, 128, 4), (128, 128, 8), (32, 256, 4), (16, 512, 4), (32, 512, 8), (64, 256, 8)):
                 out.append(C("gemv", bm, bn, bk, split(w4a16.cdiv(n, bn), w4a16.cdiv(k, bk), sms, waves=4), warps, 1))
+            if m <= 2 and gemv_cuda.available()[0]:
+                out += [C("cuda", block_m=m, variant=v) for v in gemv_cuda.VARIANTS[m]]
         for waves in (1, 2):
             out.append(C("mma", 16, 64, 128, split(w4a16.cdiv(n, 64), w4a16.cdiv(k, 128), sms, waves=waves), 4, 3))
             out.append(C("mma", 16, 128, 128, split(w4a16.cdiv(n, 128), w4a16.cdiv(k, 128), sms, waves=waves), 8, 3))
@@ -203,6 +205,8 @@ def main() -> None:
     read_bw = read_bandwidth()
     print(f"device {props.name}, {sms} SMs; copy bandwidth (read + write) {bw:.0f} GB/s; "
           f"read-only (sum) {read_bw:.0f} GB/s", flush=True)
+    cuda_ok, why = gemv_cuda.available()
+    print(f"CUDA (NVRTC) gemv candidates in the sweep: {'yes' if cuda_ok else 'no: ' + why}", flush=True)
     result = dict(device=props.name, sms=sms, copy_gbps=bw, read_gbps=read_bw, group_size=g, decode=[], prefill=[],
                   sweep=[], attention=[])
 
@@ -221,8 +225,10 @@ def main() -> None:
                         print(f"  sweep {name} M={m} {cand}: FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
                         continue
                     result["sweep"].append(dict(shape=name, N=n, K=k, M=m, config=cand.__dict__, us=t))
-                    print(f"  sweep {name} M={m} {cand.kind} bm{cand.block_m} bn{cand.block_n} bk{cand.block_k} "
-                          f"split{cand.split_k} w{cand.num_warps} s{cand.num_stages}: {t:.1f} us", flush=True)
+                    shape = (f"rows/warp {cand.variant[0]} unroll {cand.variant[1]}" if cand.kind == "cuda" else
+                             f"bm{cand.block_m} bn{cand.block_n} bk{cand.block_k} split{cand.split_k} "
+                             f"w{cand.num_warps} s{cand.num_stages}")
+                    print(f"  sweep {name} M={m} {cand.kind} {shape}: {t:.1f} us", flush=True)
             t = bench_w4a16(m, n, k, g, copies, cfg, gen)
             nbytes = w4_bytes(m, n, k, g)
             tc, cbytes = bench_cublas(m, n, k, gen)

@@ -308,3 +308,50 @@ def test_greedy_argmax_matches_torch(rows, vocab):
     logits = torch.randn(rows, vocab, device="cuda")
     logits[0, vocab // 3] = logits[0, vocab - 1] = logits[0].max() + 1  # a tie across blocks: the first wins
     assert torch.equal(argmax_rows(logits), logits.argmax(dim=-1))
+
+
+# ---- the NVRTC gemv under evaluation (engine/kernels/gemv_cuda.py; not yet picked by engines) ----
+
+
+def _cuda_gemv_or_skip():
+    from edgellm.engine.kernels import gemv_cuda
+
+    ok, why = gemv_cuda.available()
+    if not ok:
+        pytest.skip(why)
+    return gemv_cuda
+
+
+@pytest.mark.parametrize("n,k,g,bias", [(6144, 2048, 128, False), (2048, 8192, 128, True), (4096, 4096, 64, False),
+                                        (1000, 4096, 128, False), (3000, 1536, 64, True), (28672, 4096, 128, False)])
+@pytest.mark.parametrize("m", [1, 2])
+def test_cuda_gemv_matches_dequantized_reference(n, k, g, bias, m):
+    """Every variant (rows per warp x unroll), N not a multiple of the rows, K with a ragged last step."""
+    gemv_cuda = _cuda_gemv_or_skip()
+    qw = _weights(n, k, g)
+    w_ref = qw.dequantize(torch.float32)
+    torch.manual_seed(n + k + m)
+    x = torch.randn(m, k, device="cuda").half()
+    b = torch.randn(n, device="cuda").half() if bias else None
+    ref = x.float() @ w_ref.t() + (b.float() if bias else 0)
+    for variant in gemv_cuda.VARIANTS[m]:
+        out = _poisoned(m, n)
+        gemv_cuda.w4a16_gemv(x, qw.qweight, qw.scales, qw.zeros, g, b, out=out, variant=variant)
+        err = _rel_err(out, ref)
+        print(f"cuda gemv M={m} N={n} K={k} G={g} bias={bias} rows/warp={variant[0]} unroll={variant[1]}: rel err {err:.2e}")
+        assert err < REL_TOL
+
+
+def test_cuda_gemv_replays_in_a_cuda_graph():
+    gemv_cuda = _cuda_gemv_or_skip()
+    qw = _weights(4096, 4096, 128)
+    x = torch.randn(1, 4096, device="cuda").half()
+    eager = gemv_cuda.w4a16_gemv(x, qw.qweight, qw.scales, qw.zeros, 128)
+    out = torch.empty_like(eager)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        gemv_cuda.w4a16_gemv(x, qw.qweight, qw.scales, qw.zeros, 128, out=out)
+    out.fill_(float("nan"))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, eager)  # no atomics: bit-for-bit
