@@ -18,3 +18,15 @@ def available() -> bool:
     except ImportError:
         return False
     return torch.cuda.is_available()
+
+
+@functools.cache
+def sm_count(device) -> int:
+    """Streaming multiprocessors of a CUDA device, which the kernels size their grids by
+    (4 for the CPU, where Triton's interpreter runs them in tests)."""
+    import torch
+
+    device = torch.device(device)
+    if device.type != "cuda":
+        return 4
+    return torch.cuda.get_device_properties(device).multi_processor_count

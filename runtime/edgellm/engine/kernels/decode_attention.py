@@ -20,16 +20,14 @@ from __future__ import annotations
 
 import torch
 
+from edgellm.engine.kernels import sm_count
+
 try:
     import triton
     import triton.language as tl
 except ImportError:  # CI and CPU-only hosts: the module imports, the kernels do not exist
     triton = None
     tl = None
-
-
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
 
 
 def pick_chunk(batch: int, kv_heads: int, max_seq: int, num_sms: int = 132, block_s: int = 64) -> int:
@@ -65,7 +63,7 @@ def decode_attention(
             f"expected q [B, Hq, D] and caches [slots, Hkv, S_max, D] with Hq a multiple of Hkv; "
             f"got q {tuple(q.shape)}, k {tuple(k_cache.shape)}, v {tuple(v_cache.shape)}"
         )
-    if d != _next_pow2(d) or d < 16:
+    if d != triton.next_power_of_2(d) or d < 16:
         raise ValueError(f"head_dim must be a power of two >= 16, got {d}")
     if q.dtype != torch.float16 or k_cache.dtype != torch.float16 or v_cache.dtype != torch.float16:
         raise ValueError("q and the caches must be fp16")
@@ -73,10 +71,10 @@ def decode_attention(
         raise ValueError("k_cache and v_cache must be contiguous in D and share strides")
     q = q.contiguous()
     group = hq // hkv
-    block_g = max(16, _next_pow2(group))  # the tensor-core M side
+    block_g = max(16, triton.next_power_of_2(group))  # the tensor-core M side
     block_s = 64 if d <= 64 else 32 if block_g > 16 else 64
     if chunk is None:
-        chunk = pick_chunk(b, hkv, s_max, _num_sms(q.device), block_s)
+        chunk = pick_chunk(b, hkv, s_max, sm_count(q.device), block_s)
     chunk = max(block_s, triton_cdiv(chunk, block_s) * block_s)
     n_chunks = triton_cdiv(s_max, chunk)
     if out is None:
@@ -103,20 +101,9 @@ def decode_attention(
     if not single:
         _attn_merge_kernel[(b * hq,)](
             part_o, part_ml, seq_lens, out, hq, out.stride(0), out.stride(1),
-            D=d, CHUNK=chunk, N_CHUNKS=n_chunks, BLOCK_C=_next_pow2(n_chunks), num_warps=4,
+            D=d, CHUNK=chunk, N_CHUNKS=n_chunks, BLOCK_C=triton.next_power_of_2(n_chunks), num_warps=4,
         )
     return out
-
-
-_sm_counts: dict[torch.device, int] = {}
-
-
-def _num_sms(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 4
-    if device not in _sm_counts:
-        _sm_counts[device] = torch.cuda.get_device_properties(device).multi_processor_count
-    return _sm_counts[device]
 
 
 if triton is not None:

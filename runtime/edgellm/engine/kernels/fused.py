@@ -40,10 +40,6 @@ def _require_triton() -> None:
         raise RuntimeError("the fused kernels need Triton; on this host the model uses its reference path")
 
 
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
-
-
 def add_rms_norm(
     x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -60,7 +56,7 @@ def add_rms_norm(
         r2 = residual.reshape(-1, d).contiguous()
         total = torch.empty_like(x2)
     if rows:
-        block = _next_pow2(d)
+        block = triton.next_power_of_2(d)
         _add_rms_norm_kernel[(rows,)](
             x2, x2 if residual is None else r2, weight, normed, total, d, eps,
             HAS_RESIDUAL=residual is not None, BLOCK=block, num_warps=min(16, max(1, block // 256)),
@@ -93,7 +89,7 @@ def rope_and_write_kv(
         raise ValueError(f"qkv must be [T, (Hq + 2 Hkv) * D] contiguous in the last axis, got {tuple(qkv.shape)}")
     if k_cache.stride() != v_cache.stride() or k_cache.stride(-1) != 1:
         raise ValueError("k_cache and v_cache must share strides and be contiguous in D")
-    if head_dim % 2 or head_dim != _next_pow2(head_dim):
+    if head_dim % 2 or head_dim != triton.next_power_of_2(head_dim):
         raise ValueError(f"head_dim must be an even power of two, got {head_dim}")
     positions, slots = positions.contiguous(), slots.contiguous()  # no-ops on the engine's own inputs
     q = torch.empty(tokens, num_heads, head_dim, dtype=qkv.dtype, device=qkv.device)

@@ -29,6 +29,8 @@ from pathlib import Path
 
 import torch
 
+from edgellm.engine.kernels import sm_count
+
 SOURCE = r"""
 typedef unsigned int u32;
 typedef unsigned short u16;
@@ -280,7 +282,7 @@ def w4a16_gemv(
     qweight, scales, zeros = qweight.contiguous(), scales.contiguous(), zeros.contiguous()
     if out is None:
         out = torch.empty(m, n, dtype=torch.float16, device=x.device)
-    rows, unroll = variant or pick_variant(m, n, k, torch.cuda.get_device_properties(x.device).multi_processor_count)
+    rows, unroll = variant or pick_variant(m, n, k, sm_count(x.device))
     func = _functions(x.device.index if x.device.index is not None else torch.cuda.current_device())[(m, rows, unroll)]
     driver, _ = _bindings()
     blocks = -(-n // (rows * WARPS_PER_BLOCK))

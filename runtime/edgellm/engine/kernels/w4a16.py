@@ -36,6 +36,8 @@ import os
 
 import torch
 
+from edgellm.engine.kernels import sm_count
+
 try:
     import triton
     import triton.language as tl
@@ -155,7 +157,7 @@ def w4a16_linear(
     qweight, scales, zeros = qweight.contiguous(), scales.contiguous(), zeros.contiguous()
     if bias is not None:
         bias = bias.contiguous()
-    cfg = config or pick_config(m, n, k, group_size, _num_sms(x.device))
+    cfg = config or pick_config(m, n, k, group_size, sm_count(x.device))
     if out is None:
         out = torch.empty(m, n, dtype=torch.float16, device=x.device)
     elif tuple(out.shape) != (m, n) or out.dtype != torch.float16 or not out.is_contiguous():
@@ -216,15 +218,6 @@ def dequantize_fp16(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Te
         G=group_size, BLOCK_N=block_n, BLOCK_K=block_k, USE_ASM=_use_asm(), num_warps=4,
     )
     return out
-
-
-_sm_counts: dict[torch.device, int] = {}
-
-
-def _num_sms(device: torch.device) -> int:
-    if device not in _sm_counts:
-        _sm_counts[device] = torch.cuda.get_device_properties(device).multi_processor_count
-    return _sm_counts[device]
 
 
 def _use_asm() -> bool:
