@@ -169,9 +169,10 @@ print("TIMES", json.dumps({"import_s": t_import - t0, "load_s": t_load - t_impor
 def bench_start_to_warm(engine_dir: Path, kernel_cache: Path) -> dict:
     """A fresh process, started as the daemon starts: the CUDA context created on a thread
     beside the imports, then load (verify, read, place), warm up (kernels, graph capture).
-    Kernel binaries are cached in kernel_cache (TRITON_CACHE_DIR), as the daemon caches
-    them under /var/cache/edgellm: the first start on a device compiles, later ones reuse."""
-    env = dict(os.environ, EDGELLM_RUNTIME=str(ROOT / "runtime"), TRITON_CACHE_DIR=str(kernel_cache))
+    Kernel binaries are cached in kernel_cache (TRITON_CACHE_DIR, EDGELLM_KERNEL_CACHE), as the
+    daemon caches them under /var/cache/edgellm: the first start on a device compiles, later ones reuse."""
+    env = dict(os.environ, EDGELLM_RUNTIME=str(ROOT / "runtime"), TRITON_CACHE_DIR=str(kernel_cache),
+               EDGELLM_KERNEL_CACHE=str(kernel_cache / "edgellm"))
     t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, "-c", START_TO_WARM, str(engine_dir)], capture_output=True, text=True, env=env, timeout=300)
     total = time.perf_counter() - t0

@@ -3,7 +3,8 @@
 # Name one or more steps; they run in the order given:
 #   tests       GPU tests (kernels, engines vs transformers, INT4 CUDA vs CPU, weights loader, doctor)
 #   profile     where a batch-1 decode step's time goes, 8B and 1B shapes (bench/profile_step.py)
-#   sweep       W4A16 kernel table + candidate configurations (bench/kernels.py --sweep, decode shapes)
+#   kernels     W4A16 kernel table (engine path beside the Triton fallback and cuBLAS) + decode attention
+#   sweep       the same + the Triton candidate configurations (bench/kernels.py --sweep, decode shapes)
 #   startup     what a fresh process spends on `import torch` and on creating the CUDA context
 #   decode      bench/decode.py: both shapes, vs transformers eager and static cache + compile
 #               (transformers at batches $HF_BATCHES, default 1,4)
@@ -13,10 +14,11 @@
 # The generated gRPC message code is ignored by git: carry runtime/edgellm/v1/*_pb2.py.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-export PYTHONPATH=$PWD/runtime:$PWD/tests PYTHONUNBUFFERED=1 TRITON_CACHE_DIR=/tmp/edgellm-kernel-cache
+export PYTHONPATH=$PWD/runtime:$PWD/tests PYTHONUNBUFFERED=1 TRITON_CACHE_DIR=/tmp/edgellm-kernel-cache \
+    EDGELLM_KERNEL_CACHE=/tmp/edgellm-kernel-cache/edgellm
 OUT=${OUT:-out}
 mkdir -p "$OUT"
-[ $# -gt 0 ] || { sed -n 2,13p "$0" >&2; exit 2; }
+[ $# -gt 0 ] || { sed -n 2,14p "$0" >&2; exit 2; }
 for step in "$@"; do
     echo "=== $step ($(date +%T))"
     case $step in
@@ -32,9 +34,12 @@ for step in "$@"; do
                 | grep -v Warning | tee -a "$OUT/profile.txt" | head -14
         done
         ;;
+    kernels)
+        timeout 240 python3 bench/kernels.py --out "$OUT/kernels.json" 2>&1 | tee "$OUT/kernels.txt" | tail -16
+        ;;
     sweep)
         timeout 240 python3 bench/kernels.py --out "$OUT/kernels.json" --sweep --no-prefill \
-            --sweep-shapes "8B gate_up,8B down,1B qkv" --sweep-m 1,4 2>&1 | tee "$OUT/kernels.txt" | tail -45
+            --sweep-shapes "${SWEEP_SHAPES:-8B gate_up,8B down,1B qkv}" --sweep-m "${SWEEP_M:-1,4}" --sweep-kinds "${SWEEP_KINDS:-}" 2>&1 | tee "$OUT/kernels.txt" | tail -45
         ;;
     startup)
         for i in 1 2; do
@@ -62,6 +67,6 @@ PY
             | tee "$OUT/load-gpu.txt" | tail -40
         ;;
     *)
-        echo "unknown step $step" >&2; sed -n 2,13p "$0" >&2; exit 2 ;;
+        echo "unknown step $step" >&2; sed -n 2,14p "$0" >&2; exit 2 ;;
     esac
 done

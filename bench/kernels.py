@@ -4,9 +4,10 @@
     ncu ... python3 bench/kernels.py --ncu-target gemv1   # one kernel, a few launches
 
 First measures device-to-device copy bandwidth (bytes read + written), the ceiling every
-kernel here is held to. Then, for each weight shape and M, the W4A16 time and its share of
-that bandwidth (bytes = qweight + scales + zeros + x + out), beside cuBLAS on the same
-shape with fp16 weights. A read-only reduction gives the read ceiling as well (cuBLAS GEMV
+kernel here is held to. Then, for each weight shape and M, the W4A16 time of the path
+engines take (the tensor-core kernel of w4a16_cuda.py where NVRTC is usable) and its share
+of that bandwidth (bytes = qweight + scales + zeros + x + out), beside the Triton kernels
+(the fallback path) and cuBLAS on the same shape with fp16 weights. A read-only reduction gives the read ceiling as well (cuBLAS GEMV
 reads faster than the copy's read + write figure). Times are medians of CUDA-graph
 replays (as the engine runs decode), each replay cycling through enough weight copies
 that L2 (50 MB on an H100) cannot serve them. --sweep also times the candidate configurations the fixed table in
@@ -28,7 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "runtime"))
 
 from edgellm.engine.kernels import decode_attention as attn  # noqa: E402
-from edgellm.engine.kernels import gemv_cuda, w4a16  # noqa: E402
+from edgellm.engine.kernels import w4a16, w4a16_cuda  # noqa: E402
 
 # (name, N, K): Llama-3.2-1B and Llama-3.1-8B projections (qkv and gate|up fused)
 SHAPES = [
@@ -119,8 +120,6 @@ def candidates(m: int, n: int, k: int, g: int, sms: int):
             # per warp at larger BK), warps, programs per SM (split K), prefetch.
             for bn, bk, warps in ((64, 128, 4), (128, 128, 8), (32, 256, 4), (16, 512, 4), (32, 512, 8), (64, 256, 8)):
                 out.append(C("gemv", bm, bn, bk, split(w4a16.cdiv(n, bn), w4a16.cdiv(k, bk), sms, waves=4), warps, 1))
-            if m <= 2 and gemv_cuda.available()[0]:
-                out += [C("cuda", block_m=m, variant=v) for v in gemv_cuda.VARIANTS[m]]
         for waves in (1, 2):
             out.append(C("mma", 16, 64, 128, split(w4a16.cdiv(n, 64), w4a16.cdiv(k, 128), sms, waves=waves), 4, 3))
             out.append(C("mma", 16, 128, 128, split(w4a16.cdiv(n, 128), w4a16.cdiv(k, 128), sms, waves=waves), 8, 3))
@@ -137,6 +136,18 @@ def bench_w4a16(m, n, k, g, copies, cfg, gen):
         qw, s, z = copies[i % len(copies)]
         x, o = xs[i % 2], outs[i % 2]
         calls.append(lambda qw=qw, s=s, z=z, x=x, o=o: w4a16.w4a16_linear(x, qw, s, z, g, config=cfg, out=o))
+    return graph_time_us(calls)
+
+
+def bench_mma(m, n, k, g, copies, gen):
+    """The tensor-core kernel on weights in its own layout (copies from to_mma_layout)."""
+    xs = [torch.randn(m, k, device="cuda", generator=gen).half() for _ in range(2)]
+    outs = [torch.empty(m, n, device="cuda", dtype=torch.float16) for _ in range(2)]
+    calls = []
+    for i in range(max(len(copies) * 2, 8)):
+        qw, s, z = copies[i % len(copies)]
+        x, o = xs[i % 2], outs[i % 2]
+        calls.append(lambda qw=qw, s=s, z=z, x=x, o=o: w4a16_cuda.w4a16_mma_linear(x, qw, s, z, g, out=o))
     return graph_time_us(calls)
 
 
@@ -189,6 +200,7 @@ def main() -> None:
     ap.add_argument("--sweep", action="store_true", help="also time the candidate configurations")
     ap.add_argument("--sweep-shapes", default=",".join(SWEEP_SHAPES), help="shapes to sweep (names as in SHAPES)")
     ap.add_argument("--sweep-m", default="1,2,3,4,8", help="M values to sweep")
+    ap.add_argument("--sweep-kinds", default="", help="only these kernel kinds in the sweep (e.g. cuda,gemv)")
     ap.add_argument("--no-prefill", action="store_true")
     ap.add_argument("--ncu-target", choices=["gemv1", "mma8"], help="only run one kernel a few times (for ncu)")
     args = ap.parse_args()
@@ -205,40 +217,43 @@ def main() -> None:
     read_bw = read_bandwidth()
     print(f"device {props.name}, {sms} SMs; copy bandwidth (read + write) {bw:.0f} GB/s; "
           f"read-only (sum) {read_bw:.0f} GB/s", flush=True)
-    cuda_ok, why = gemv_cuda.available()
-    print(f"CUDA (NVRTC) gemv candidates in the sweep: {'yes' if cuda_ok else 'no: ' + why}", flush=True)
+    mma_ok, why = w4a16_cuda.available()
+    print(f"tensor-core W4A16 kernel (NVRTC): {'yes' if mma_ok else 'no: ' + why}", flush=True)
     result = dict(device=props.name, sms=sms, copy_gbps=bw, read_gbps=read_bw, group_size=g, decode=[], prefill=[],
                   sweep=[], attention=[])
 
     for name, n, k in SHAPES:
         wbytes = w4_bytes(1, n, k, g)
         copies = random_weights(n, k, g, max(2, math.ceil(3 * L2_BYTES / wbytes)), gen)
+        mma_copies = [(w4a16_cuda.to_mma_layout(qw), s, z) for qw, s, z in copies] if mma_ok else None
         for m in DECODE_M + ([] if args.no_prefill else PREFILL_M):
             if m not in DECODE_M and name not in PREFILL_SHAPES:
                 continue
             cfg = w4a16.pick_config(m, n, k, g, sms)
             if args.sweep and name in args.sweep_shapes.split(",") and str(m) in args.sweep_m.split(","):
                 for cand in candidates(m, n, k, g, sms):
+                    if args.sweep_kinds and cand.kind not in args.sweep_kinds.split(","):
+                        continue
                     try:
                         t = bench_w4a16(m, n, k, g, copies, cand, gen)
                     except Exception as e:  # a candidate that does not compile is reported, not fatal
                         print(f"  sweep {name} M={m} {cand}: FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
                         continue
                     result["sweep"].append(dict(shape=name, N=n, K=k, M=m, config=cand.__dict__, us=t))
-                    shape = (f"rows/warp {cand.variant[0]} unroll {cand.variant[1]}" if cand.kind == "cuda" else
-                             f"bm{cand.block_m} bn{cand.block_n} bk{cand.block_k} split{cand.split_k} "
+                    shape = (f"bm{cand.block_m} bn{cand.block_n} bk{cand.block_k} split{cand.split_k} "
                              f"w{cand.num_warps} s{cand.num_stages}")
                     print(f"  sweep {name} M={m} {cand.kind} {shape}: {t:.1f} us", flush=True)
-            t = bench_w4a16(m, n, k, g, copies, cfg, gen)
+            t_triton = bench_w4a16(m, n, k, g, copies, cfg, gen)
+            t = bench_mma(m, n, k, g, mma_copies, gen) if mma_ok else t_triton
             nbytes = w4_bytes(m, n, k, g)
             tc, cbytes = bench_cublas(m, n, k, gen)
-            row = dict(shape=name, N=n, K=k, M=m, config=cfg.__dict__, us=t, bytes=nbytes, gbps=nbytes / t / 1e3,
-                       pct_bw=100 * nbytes / t / 1e3 / bw, cublas_us=tc, cublas_pct_bw=100 * cbytes / tc / 1e3 / bw,
-                       floor_us=nbytes / bw / 1e3)
+            row = dict(shape=name, N=n, K=k, M=m, path="mma" if mma_ok else "triton", us=t, triton_config=cfg.__dict__,
+                       triton_us=t_triton, bytes=nbytes, gbps=nbytes / t / 1e3, pct_bw=100 * nbytes / t / 1e3 / bw,
+                       cublas_us=tc, cublas_pct_bw=100 * cbytes / tc / 1e3 / bw, floor_us=nbytes / bw / 1e3)
             result["decode" if m in DECODE_M else "prefill"].append(row)
-            print(f"{name:11s} M={m:<3d} {cfg.kind:5s} {t:8.1f} us  {row['pct_bw']:5.1f}% bw   cuBLAS fp16 {tc:8.1f} us",
-                  flush=True)
-        del copies
+            print(f"{name:11s} M={m:<3d} {row['path']:6s} {t:8.1f} us  {row['pct_bw']:5.1f}% bw   "
+                  f"Triton {cfg.kind} {t_triton:8.1f} us   cuBLAS fp16 {tc:8.1f} us", flush=True)
+        del copies, mma_copies
         torch.cuda.empty_cache()
         Path(args.out).write_text(json.dumps(result, indent=1))  # partial results survive a timeout
 
@@ -248,14 +263,16 @@ def main() -> None:
 
     print(f"\ncopy bandwidth {bw:.0f} GB/s (read + write), read-only {read_bw:.0f} GB/s; W4A16 group size {g}; "
           "times are CUDA-graph medians; %bw = bytes / time / copy bandwidth")
-    print(f"{'shape':11s} {'N':>6s} {'K':>6s} | " + " | ".join(f"M={m}: us   %bw" for m in DECODE_M) + " | cuBLAS M=1 %bw")
+    print(f"engine path: {result['decode'][0]['path']}; in brackets: the Triton kernels (fallback) on the same shape")
+    print(f"{'shape':11s} {'N':>6s} {'K':>6s} | " + " | ".join(f"M={m}: us   %bw (Triton)" for m in DECODE_M)
+          + " | cuBLAS M=1 %bw")
     for name, n, k in SHAPES:
         rows = {r["M"]: r for r in result["decode"] if r["shape"] == name}
-        cells = " | ".join(f"{rows[m]['us']:7.1f} {rows[m]['pct_bw']:5.1f}" for m in DECODE_M)
+        cells = " | ".join(f"{rows[m]['us']:7.1f} {rows[m]['pct_bw']:5.1f} ({rows[m]['triton_us']:5.1f})" for m in DECODE_M)
         print(f"{name:11s} {n:6d} {k:6d} | {cells} | {rows[1]['cublas_pct_bw']:5.1f}")
     if result["prefill"]:
-        print("prefill:", "; ".join(f"{r['shape']} M={r['M']} {r['config']['kind']} {r['us']:.0f} us "
-                                    f"(cuBLAS fp16 {r['cublas_us']:.0f})" for r in result["prefill"]))
+        print("prefill:", "; ".join(f"{r['shape']} M={r['M']} {r['us']:.0f} us (Triton {r['triton_us']:.0f}, "
+                                    f"cuBLAS fp16 {r['cublas_us']:.0f})" for r in result["prefill"]))
     print("attention:", "; ".join(f"B={r['B']} D={r['D']} S={r['seq_len']}/{r['S_max']} {r['us']:.1f} us "
                                   f"{r['pct_bw']:.0f}%" for r in result["attention"]))
 

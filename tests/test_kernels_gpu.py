@@ -2,11 +2,13 @@
 and CUDA-graph capture/replay of both.
 
 Error thresholds (relative Frobenius error, ||out - ref|| / ||ref||):
-* The tensor-core path rounds each dequantized weight to fp16 (as an fp16 model would,
+* The Triton tensor-core path rounds each dequantized weight to fp16 (as an fp16 model would,
   ~2^-12 relative each, averaging out over K) and the result to fp16 (~2^-12): ~3e-4.
 * The CUDA-core gemv path (M = 1) also rounds the weight * x products and their sums of 8
   to fp16 before accumulating in fp32: ~1e-3.
 * Decode attention: fp16 probabilities into the P @ V product: ~1e-3.
+* The NVRTC tensor-core kernel multiplies exact q - zero by x in fp32 and scales each
+  64-wide chunk's sum: only the fp16 result rounds.
 A wrong group, nibble or row gives errors of order 1, so 5e-3 separates bugs from rounding
 with room to spare. NaN never passes (the comparison with NaN is False), and outputs are
 poisoned with NaN before each run so that an unwritten element fails.
@@ -310,47 +312,63 @@ def test_greedy_argmax_matches_torch(rows, vocab):
     assert torch.equal(argmax_rows(logits), logits.argmax(dim=-1))
 
 
-# ---- the NVRTC gemv under evaluation (engine/kernels/gemv_cuda.py; not yet picked by engines) ----
+# ---- the tensor-core kernel in the GPU's own layout (engine/kernels/w4a16_cuda.py) ----
 
 
-def _cuda_gemv_or_skip():
-    from edgellm.engine.kernels import gemv_cuda
+def _mma_or_skip():
+    from edgellm.engine.kernels import w4a16_cuda
 
-    ok, why = gemv_cuda.available()
+    ok, why = w4a16_cuda.available()
     if not ok:
         pytest.skip(why)
-    return gemv_cuda
+    return w4a16_cuda
 
 
 @pytest.mark.parametrize("n,k,g,bias", [(6144, 2048, 128, False), (2048, 8192, 128, True), (4096, 4096, 64, False),
-                                        (1000, 4096, 128, False), (3000, 1536, 64, True), (28672, 4096, 128, False)])
-@pytest.mark.parametrize("m", [1, 2])
-def test_cuda_gemv_matches_dequantized_reference(n, k, g, bias, m):
-    """Every variant (rows per warp x unroll), N not a multiple of the rows, K with a ragged last step."""
-    gemv_cuda = _cuda_gemv_or_skip()
+                                        (1000, 4096, 128, False), (3000, 1536, 64, True), (28672, 4096, 128, False),
+                                        (40, 256, 256, True)])
+@pytest.mark.parametrize("m", [1, 2, 3, 8, 13, 64, 100, 300])
+def test_mma_kernel_matches_dequantized_reference(n, k, g, bias, m):
+    """N not a multiple of the 16-row tile, K split unevenly over warps, every batch block
+    (1..64 rows), slices of 64 rows (100) and the dequantize + cuBLAS path (300)."""
+    w4a16_cuda = _mma_or_skip()
     qw = _weights(n, k, g)
+    packed = w4a16_cuda.to_mma_layout(qw.qweight)
     w_ref = qw.dequantize(torch.float32)
     torch.manual_seed(n + k + m)
     x = torch.randn(m, k, device="cuda").half()
     b = torch.randn(n, device="cuda").half() if bias else None
     ref = x.float() @ w_ref.t() + (b.float() if bias else 0)
-    for variant in gemv_cuda.VARIANTS[m]:
-        out = _poisoned(m, n)
-        gemv_cuda.w4a16_gemv(x, qw.qweight, qw.scales, qw.zeros, g, b, out=out, variant=variant)
-        err = _rel_err(out, ref)
-        print(f"cuda gemv M={m} N={n} K={k} G={g} bias={bias} rows/warp={variant[0]} unroll={variant[1]}: rel err {err:.2e}")
-        assert err < REL_TOL
+    out = _poisoned(m, n)
+    w4a16_cuda.w4a16_mma_linear(x, packed, qw.scales, qw.zeros, g, b, out=out)
+    err = _rel_err(out, ref)
+    print(f"mma M={m} N={n} K={k} G={g} bias={bias}: rel err {err:.2e}")
+    assert torch.isfinite(out).all(), "unwritten or non-finite output"
+    assert err < REL_TOL
 
 
-def test_cuda_gemv_replays_in_a_cuda_graph():
-    gemv_cuda = _cuda_gemv_or_skip()
+def test_mma_layout_is_the_same_on_the_gpu_and_dequantizes_exactly():
+    """to_mma_layout on the GPU equals the CPU's; its fp16 dequantization equals the row-packed one bit for bit."""
+    from edgellm.engine.kernels.w4a16 import dequantize_fp16
+
+    w4a16_cuda = _mma_or_skip()
+    qw = _weights(3000, 1536, 64)
+    packed = w4a16_cuda.to_mma_layout(qw.qweight)
+    assert torch.equal(packed.cpu(), w4a16_cuda.to_mma_layout(qw.qweight.cpu()))
+    dense = w4a16_cuda.dequantize_mma(packed, qw.scales, qw.zeros, 64, 3000, 1536)
+    assert torch.equal(dense, dequantize_fp16(qw.qweight, qw.scales, qw.zeros, 64))
+
+
+def test_mma_kernel_replays_in_a_cuda_graph():
+    w4a16_cuda = _mma_or_skip()
     qw = _weights(4096, 4096, 128)
-    x = torch.randn(1, 4096, device="cuda").half()
-    eager = gemv_cuda.w4a16_gemv(x, qw.qweight, qw.scales, qw.zeros, 128)
+    packed = w4a16_cuda.to_mma_layout(qw.qweight)
+    x = torch.randn(4, 4096, device="cuda").half()
+    eager = w4a16_cuda.w4a16_mma_linear(x, packed, qw.scales, qw.zeros, 128)
     out = torch.empty_like(eager)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        gemv_cuda.w4a16_gemv(x, qw.qweight, qw.scales, qw.zeros, 128, out=out)
+        w4a16_cuda.w4a16_mma_linear(x, packed, qw.scales, qw.zeros, 128, out=out)
     out.fill_(float("nan"))
     graph.replay()
     torch.cuda.synchronize()

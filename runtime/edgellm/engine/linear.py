@@ -1,8 +1,12 @@
 """The two kinds of projection an engine holds: dense (FP16) and INT4 weight-only (W4A16).
 
-The model never knows which one it calls. On CUDA the INT4 layer runs the Triton W4A16
-kernel on the packed weights; on the CPU (the reference path) it multiplies by the
-dequantized weights, computed once at load.
+The model never knows which one it calls. The INT4 layer picks its path once, at load:
+
+* CUDA GPU with NVRTC (SM >= 8.0, group size a power of two >= 64): the weights are
+  rearranged into the tensor-core kernel's own layout (kernels/w4a16_cuda.py) and every
+  call runs that kernel;
+* other CUDA GPUs: the Triton kernels on the engine's row-packed weights (kernels/w4a16.py);
+* CPU (the reference path): a matmul with the dequantized weights, computed once.
 """
 
 from __future__ import annotations
@@ -25,29 +29,44 @@ class Int4Linear(nn.Module):
         self.register_buffer("zeros", torch.empty(out_features, groups, dtype=torch.float16, device=device))
         self.register_buffer("bias", torch.empty(out_features, dtype=torch.float16, device=device) if bias else None)
         self._dense: torch.Tensor | None = None
-        self._use_kernel = False
+        self.path = "dense"  # "mma" | "triton" | "dense": set by prepare()
 
     def quantized(self) -> QuantizedWeight:
+        """The engine's row-packed weights (before prepare() rearranges them for the GPU)."""
+        if self.path == "mma":
+            raise RuntimeError("the weights are in the GPU kernel's layout now; read them from the engine file")
         return QuantizedWeight(self.qweight, self.scales, self.zeros, self.group_size)
 
     def prepare(self, compute_dtype: torch.dtype) -> None:
         """Called once after the weights are in place, on their final device."""
         from edgellm.engine import kernels
+        from edgellm.engine.kernels import w4a16_cuda
 
-        self._use_kernel = self.qweight.is_cuda and kernels.available()
-        if not self._use_kernel:
+        if self.qweight.is_cuda and w4a16_cuda.usable(self.in_features, self.group_size):
+            self.qweight = w4a16_cuda.to_mma_layout(self.qweight)
+            self.path = "mma"
+        elif self.qweight.is_cuda and kernels.available():
+            self.path = "triton"
+        else:
             self._dense = self.quantized().dequantize(torch.float32).to(compute_dtype)
+            self.path = "dense"
         if self.bias is not None:
             self.bias = self.bias.to(compute_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._use_kernel:
+        if self.path == "dense":
+            return nn.functional.linear(x, self._dense, self.bias)
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        if self.path == "mma":
+            from edgellm.engine.kernels.w4a16_cuda import w4a16_mma_linear
+
+            out = w4a16_mma_linear(x2, self.qweight, self.scales, self.zeros, self.group_size, self.bias)
+        else:
             from edgellm.engine.kernels.w4a16 import w4a16_linear
 
-            shape = x.shape
-            out = w4a16_linear(x.reshape(-1, shape[-1]), self.qweight, self.scales, self.zeros, self.group_size, self.bias)
-            return out.view(*shape[:-1], self.out_features)
-        return nn.functional.linear(x, self._dense, self.bias)
+            out = w4a16_linear(x2, self.qweight, self.scales, self.zeros, self.group_size, self.bias)
+        return out.view(*shape[:-1], self.out_features)
 
 
 def dense_linear(in_features: int, out_features: int, bias: bool, device=None) -> nn.Linear:

@@ -48,7 +48,7 @@ except ImportError:  # CI and CPU-only hosts: the module imports, the kernels do
 
 @dataclasses.dataclass(frozen=True)
 class W4A16Config:
-    kind: str  # "gemv" | "mma" | "dense" | "cuda" (the NVRTC gemv, under evaluation: never picked)
+    kind: str  # "gemv" | "mma" | "dense"
     block_m: int = 16
     block_n: int = 64
     block_k: int = 128
@@ -56,7 +56,6 @@ class W4A16Config:
     num_warps: int = 4
     num_stages: int = 3
     prefetch: bool = True  # gemv: load the next K tile before this one's arithmetic
-    variant: tuple[int, int] | None = None  # "cuda": (rows per warp, unroll); see gemv_cuda.py
 
 
 def cdiv(a: int, b: int) -> int:
@@ -162,10 +161,6 @@ def w4a16_linear(
         out = torch.empty(m, n, dtype=torch.float16, device=x.device)
     elif tuple(out.shape) != (m, n) or out.dtype != torch.float16 or not out.is_contiguous():
         raise ValueError(f"out must be a contiguous fp16 [{m}, {n}] tensor, got {out.dtype} {tuple(out.shape)}")
-    if cfg.kind == "cuda":  # under evaluation: only when a caller asks for it (bench/kernels.py, tests)
-        from edgellm.engine.kernels.gemv_cuda import w4a16_gemv
-
-        return w4a16_gemv(x, qweight, scales, zeros, group_size, bias, out, variant=cfg.variant)
     if cfg.kind == "dense":
         w = dequantize_fp16(qweight, scales, zeros, group_size)
         if bias is None:

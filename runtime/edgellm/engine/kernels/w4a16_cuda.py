@@ -1,0 +1,448 @@
+"""W4A16 linear on tensor cores, in CUDA C++ compiled with NVRTC, for the GPU's own weight layout.
+
+Why: a CUDA-core gemv spends ~35 instructions per packed word (dequantize, multiply by x,
+reduce), which on an H100 is about the time the word takes to arrive from memory, so
+decode ran at ~60% of bandwidth and every extra row of x cost more. Here the tensor cores
+do the products and the fp32 sums (`mma.sync.m16n8k16`): per packed word a lane only
+turns 8 nibbles into the A operand (4 LOP3 + 4 HSUB2), whatever the batch up to 8 rows
+(up to 64 with more MMAs on the same operand).
+
+The layout ("mma" below) puts in each lane's 32-bit word exactly the 8 weights that lane
+holds in its A fragment, so no data moves between lanes or through shared memory:
+
+    word (tile T, chunk c, lane l = 4 g + t, step j) holds, for the 16 x 16 block
+    A[r][kk] = W[16 T + r][64 c + 16 j + kk]:
+        bits  0..3 A[g][2t]      bits 16..19 A[g][2t+1]      -> a0 = (w >> 0)  & 0x000F000F
+        bits  4..7 A[g+8][2t]    bits 20..23 A[g+8][2t+1]    -> a1 = (w >> 4)  & ...
+        bits  8..11 A[g][2t+8]   bits 24..27 A[g][2t+9]      -> a2 = (w >> 8)  & ...
+        bits 12..15 A[g+8][2t+8] bits 28..31 A[g+8][2t+9]    -> a3 = (w >> 12) & ...
+    stored at ((T * chunks + c) * 32 + l) * 4 + j, so a warp reads a chunk as 512
+    contiguous bytes, 16 per lane.
+
+`to_mma_layout` builds it from the engine's int4-rowpacked-v1 weights once at load (on the
+GPU, milliseconds); the engine file format stays as it is. The nibble 1024 + q comes out
+of one LOP3 as an fp16 (the "magic number" trick); minus (1024 + zero) it is q - zero
+exactly. Each 64-wide chunk lies in one quantization group, so the scale multiplies the
+chunk's fp32 partial sums, not every weight.
+
+A block computes one 16-row tile of the output; its warps split K and meet in shared
+memory (no atomics, no workspace, deterministic, CUDA-graph capturable). The source is
+header-free (PTX for the fp16 arithmetic), so NVRTC needs no CUDA include directory, and
+no GPU: `compile_cubin` can run on a build host for an engine's target SM.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+from pathlib import Path
+
+import torch
+
+from edgellm.engine.kernels import sm_count
+
+SOURCE = r"""
+typedef unsigned int u32;
+typedef unsigned short u16;
+
+__device__ __forceinline__ u32 hsub2(u32 a, u32 b) { u32 d; asm("sub.rn.f16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b)); return d; }
+__device__ __forceinline__ u32 hadd2(u32 a, u32 b) { u32 d; asm("add.rn.f16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b)); return d; }
+__device__ __forceinline__ u32 hmul2(u32 a, u32 b) { u32 d; asm("mul.rn.f16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b)); return d; }
+__device__ __forceinline__ float half_to_float(u16 h) { float f; asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h)); return f; }
+__device__ __forceinline__ u16 float_to_half(float f) { u16 h; asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f)); return h; }
+__device__ __forceinline__ u16 load_half(const u16* p) { u16 h; asm("ld.global.nc.u16 %0, [%1];" : "=h"(h) : "l"(p)); return h; }
+__device__ __forceinline__ u32 load_word(const u16* p) { u32 v; asm("ld.global.nc.u32 %0, [%1];" : "=r"(v) : "l"(p)); return v; }
+// Weights are read once: stream them past L1 (x, scales and zeros stay cached there).
+__device__ __forceinline__ uint4 load_stream(const uint4* p) {
+    uint4 v;
+    asm("ld.global.cs.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+    return v;
+}
+__device__ __forceinline__ u32 word_of(const uint4& v, int j) { return j == 0 ? v.x : j == 1 ? v.y : j == 2 ? v.z : v.w; }
+__device__ __forceinline__ u32 both_halves(u16 h) { return (u32)h | ((u32)h << 16); }
+
+// d += A (16 x 16, row-major fragment a) * B (16 x 8, column-major fragment b0 b1), fp32 sums.
+__device__ __forceinline__ void mma_16816(float (&d)[4], const u32 (&a)[4], u32 b0, u32 b1) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// A fragment (q - zero, exact in fp16) of one packed word; za for row g, zb for row g + 8,
+// each 1024 + zero in both halves.
+__device__ __forceinline__ void unpack_a(u32 word, u32 za, u32 zb, u32 (&a)[4]) {
+    const u32 magic = 0x64006400u;  // fp16 1024 in both halves: 1024 + q for a nibble q
+    a[0] = hsub2((word & 0x000F000Fu) | magic, za);
+    a[1] = hsub2(((word >> 4) & 0x000F000Fu) | magic, zb);
+    a[2] = hsub2(((word >> 8) & 0x000F000Fu) | magic, za);
+    a[3] = hsub2(((word >> 12) & 0x000F000Fu) | magic, zb);
+}
+
+// out[m, n] = sum_k x[m, k] * (q[n, k] - zero[n, k / G]) * scale[n, k / G] (+ bias[n]) for
+// M <= 8 * MB rows of x. Block: the 16 output features of tile blockIdx.x; its warps take
+// equal runs of the K / 64 chunks. G = 1 << gshift, a multiple of 64 dividing K.
+template <int MB, int UNROLL>
+__device__ __forceinline__ void w4a16_mma(
+    const u16* __restrict__ x, long long stride_xm, int M, const uint4* __restrict__ qw,
+    const u16* __restrict__ scales, const u16* __restrict__ zeros, const u16* __restrict__ bias,
+    u16* __restrict__ out, long long stride_om, int N, int K, int gshift, float* red)
+{
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, warps = blockDim.x >> 5;
+    const int g = lane >> 2, t = lane & 3;
+    const int tile = blockIdx.x;
+    const int chunks = K >> 6;
+    const int c_begin = (chunks * warp) / warps, c_end = (chunks * (warp + 1)) / warps;
+    const int ng = K >> gshift;
+    const int row_a = min(tile * 16 + g, N - 1), row_b = min(tile * 16 + g + 8, N - 1);  // rows past N: never stored
+    const u16* s_a = scales + (long long)row_a * ng;
+    const u16* s_b = scales + (long long)row_b * ng;
+    const u16* z_a = zeros + (long long)row_a * ng;
+    const u16* z_b = zeros + (long long)row_b * ng;
+    const uint4* wp = qw + (long long)tile * chunks * 32 + lane;  // chunk c at wp[32 c]
+    const u16* xr[MB];  // B fragment: x[g + 8 mb][k + 2t ..], zero for rows past M
+    bool x_ok[MB];
+#pragma unroll
+    for (int mb = 0; mb < MB; ++mb) {
+        const int m = g + 8 * mb;
+        x_ok[mb] = m < M;
+        xr[mb] = x + (long long)min(m, M - 1) * stride_xm + 2 * t;
+    }
+    float acc[MB][4];
+#pragma unroll
+    for (int mb = 0; mb < MB; ++mb)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) acc[mb][i] = 0.f;
+
+    for (int c0 = c_begin; c0 < c_end; c0 += UNROLL) {
+        uint4 w[UNROLL];  // every load of the step in flight before any arithmetic
+#pragma unroll
+        for (int u = 0; u < UNROLL; ++u) w[u] = c0 + u < c_end ? load_stream(wp + 32 * (c0 + u)) : make_uint4(0, 0, 0, 0);
+#pragma unroll
+        for (int u = 0; u < UNROLL; ++u) {
+            const int c = c0 + u;  // the same for the whole warp: mma.sync sees all lanes
+            if (c < c_end) {
+                const int grp = (c << 6) >> gshift;
+                const u32 magic = 0x64006400u;
+                const u32 za = hadd2(both_halves(load_half(z_a + grp)), magic);
+                const u32 zb = hadd2(both_halves(load_half(z_b + grp)), magic);
+                float part[MB][4];
+#pragma unroll
+                for (int mb = 0; mb < MB; ++mb)
+#pragma unroll
+                    for (int i = 0; i < 4; ++i) part[mb][i] = 0.f;
+#pragma unroll
+                for (int j = 0; j < 4; ++j) {
+                    u32 a[4];
+                    unpack_a(word_of(w[u], j), za, zb, a);
+                    const int k = (c << 6) + 16 * j;
+#pragma unroll
+                    for (int mb = 0; mb < MB; ++mb) {
+                        const u32 b0 = x_ok[mb] ? load_word(xr[mb] + k) : 0u;
+                        const u32 b1 = x_ok[mb] ? load_word(xr[mb] + k + 8) : 0u;
+                        mma_16816(part[mb], a, b0, b1);
+                    }
+                }
+                const float sa = half_to_float(load_half(s_a + grp)), sb = half_to_float(load_half(s_b + grp));
+#pragma unroll
+                for (int mb = 0; mb < MB; ++mb) {
+                    acc[mb][0] += sa * part[mb][0];
+                    acc[mb][1] += sa * part[mb][1];
+                    acc[mb][2] += sb * part[mb][2];
+                    acc[mb][3] += sb * part[mb][3];
+                }
+            }
+        }
+    }
+    if (warps > 1) {  // warp 0 sums the other warps' partial tiles
+        if (warp > 0) {
+#pragma unroll
+            for (int mb = 0; mb < MB; ++mb)
+#pragma unroll
+                for (int i = 0; i < 4; ++i) red[((warp - 1) * 4 * MB + 4 * mb + i) * 32 + lane] = acc[mb][i];
+        }
+        __syncthreads();
+        if (warp > 0) return;
+        for (int w = 1; w < warps; ++w)
+#pragma unroll
+            for (int mb = 0; mb < MB; ++mb)
+#pragma unroll
+                for (int i = 0; i < 4; ++i) acc[mb][i] += red[((w - 1) * 4 * MB + 4 * mb + i) * 32 + lane];
+    }
+    // C fragment: acc[mb][i] is output (row 16 tile + g + 8 (i / 2), x row 8 mb + 2 t + i % 2).
+#pragma unroll
+    for (int mb = 0; mb < MB; ++mb)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            const int row = tile * 16 + g + 8 * (i >> 1), m = 8 * mb + 2 * t + (i & 1);
+            if (row < N && m < M) {
+                float v = acc[mb][i];
+                if (bias != 0) v += half_to_float(load_half(bias + row));
+                out[m * stride_om + row] = float_to_half(v);
+            }
+        }
+}
+
+#define MMA_ENTRY(MB, UNROLL)                                                                             \
+    extern "C" __global__ void __launch_bounds__(256) w4a16_mma_mb##MB(                                   \
+        const u16* x, long long stride_xm, int M, const uint4* qw, const u16* scales, const u16* zeros,   \
+        const u16* bias, u16* out, long long stride_om, int N, int K, int gshift) {                       \
+        extern __shared__ float red[];                                                                    \
+        w4a16_mma<MB, UNROLL>(x, stride_xm, M, qw, scales, zeros, bias, out, stride_om, N, K, gshift, red); \
+    }
+MMA_ENTRY(1, 4) MMA_ENTRY(2, 4) MMA_ENTRY(4, 4) MMA_ENTRY(8, 2)
+
+// The fp16 weight [N, K] from the mma layout, (q - zero) * scale rounded once (prefill
+// through cuBLAS). One thread per (tile, chunk, lane).
+extern "C" __global__ void __launch_bounds__(128) w4a16_mma_dequant(
+    const uint4* qw, const u16* scales, const u16* zeros, u16* out, int N, int K, int gshift)
+{
+    const int chunks = K >> 6;
+    const long long id = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    const int lane = (int)(id & 31);
+    const long long tc = id >> 5;  // tile * chunks + chunk
+    const int tile = (int)(tc / chunks), c = (int)(tc % chunks);
+    if (tile * 16 >= N) return;
+    const int g = lane >> 2, t = lane & 3;
+    const int ng = K >> gshift, grp = (c << 6) >> gshift;
+    const int rows[2] = {tile * 16 + g, tile * 16 + g + 8};
+    u32 z2[2], s2[2];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        const long long at = (long long)min(rows[h], N - 1) * ng + grp;
+        z2[h] = hadd2(both_halves(load_half(zeros + at)), 0x64006400u);
+        s2[h] = both_halves(load_half(scales + at));
+    }
+    const uint4 v = qw[tc * 32 + lane];
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+        u32 a[4];
+        unpack_a(word_of(v, j), z2[0], z2[1], a);
+        const int k = (c << 6) + 16 * j + 2 * t;
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {  // a[i]: row g + 8 (i & 1), columns k + 8 (i >> 1) and one more
+            const int h = i & 1, row = rows[h];
+            if (row < N)
+                *reinterpret_cast<u32*>(out + (long long)row * K + k + 8 * (i >> 1)) = hmul2(a[i], s2[h]);
+        }
+    }
+}
+"""
+
+BATCH_BLOCKS = (1, 2, 4, 8)  # MB: kernels for up to 8, 16, 32, 64 rows of x
+MAX_ROWS = 8 * BATCH_BLOCKS[-1]
+
+
+def _bindings():
+    try:
+        from cuda.bindings import driver, nvrtc
+    except ImportError:
+        from cuda import cuda as driver, nvrtc  # cuda-python < 12.6
+    return driver, nvrtc
+
+
+@functools.cache
+def available() -> tuple[bool, str]:
+    """(True, "") when cuda-python, NVRTC and a CUDA GPU with tensor cores (SM >= 8.0) are here, else (False, why)."""
+    if not torch.cuda.is_available():
+        return False, "no CUDA GPU"
+    if torch.cuda.get_device_capability() < (8, 0):
+        return False, "the W4A16 tensor-core kernel needs SM 8.0 or newer"
+    try:
+        _, nvrtc = _bindings()
+        _ok(nvrtc.nvrtcVersion(), "nvrtcVersion")
+    except Exception as e:  # noqa: BLE001 - any failure to reach NVRTC means: not here
+        return False, f"NVRTC is not usable: {type(e).__name__}: {e}"
+    return True, ""
+
+
+def supports(k: int, group_size: int) -> bool:
+    """Shapes the kernel takes: group size a power of two >= 64 dividing K (chunks of 64 lie in one group)."""
+    return group_size >= 64 and group_size & (group_size - 1) == 0 and k % group_size == 0
+
+
+def usable(k: int, group_size: int) -> bool:
+    return supports(k, group_size) and available()[0]
+
+
+def _ok(result, what: str):
+    """cuda-python returns (error, *values): raise on an error, else the values."""
+    err, *values = result
+    if int(err) != 0:
+        raise RuntimeError(f"{what} failed: {err}")
+    return values[0] if len(values) == 1 else values
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("EDGELLM_KERNEL_CACHE") or Path.home() / ".cache" / "edgellm" / "kernels")
+
+
+def compile_cubin(sm: int) -> bytes:
+    """The kernels as a cubin for SM `sm` (e.g. 90), compiled once and cached on disk.
+    Needs NVRTC, not a GPU."""
+    key = hashlib.sha256(SOURCE.encode() + f"sm_{sm}".encode()).hexdigest()[:16]
+    path = cache_dir() / f"w4a16-mma-sm{sm}-{key}.cubin"
+    if path.is_file():
+        return path.read_bytes()
+    _, nvrtc = _bindings()
+    prog = _ok(nvrtc.nvrtcCreateProgram(SOURCE.encode(), b"w4a16_mma.cu", 0, [], []), "nvrtcCreateProgram")
+    options = [f"--gpu-architecture=sm_{sm}".encode(), b"--std=c++17"]
+    (err,) = nvrtc.nvrtcCompileProgram(prog, len(options), options)
+    if int(err) != 0:
+        size = _ok(nvrtc.nvrtcGetProgramLogSize(prog), "nvrtcGetProgramLogSize")
+        log = b" " * size
+        nvrtc.nvrtcGetProgramLog(prog, log)
+        raise RuntimeError(f"NVRTC could not compile the W4A16 kernels for sm_{sm}:\n{log.decode(errors='replace')}")
+    size = _ok(nvrtc.nvrtcGetCUBINSize(prog), "nvrtcGetCUBINSize")
+    cubin = b" " * size
+    (err,) = nvrtc.nvrtcGetCUBIN(prog, cubin)
+    _ok((err, None), "nvrtcGetCUBIN")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_bytes(cubin)
+    os.replace(tmp, path)
+    return cubin
+
+
+@functools.cache
+def _functions(device_index: int) -> dict[str, object]:
+    driver, _ = _bindings()
+    major, minor = torch.cuda.get_device_capability(device_index)
+    # torch runs on the device's primary context; make it current here if this thread has none yet.
+    if not int(_ok(driver.cuCtxGetCurrent(), "cuCtxGetCurrent")):
+        context = _ok(driver.cuDevicePrimaryCtxRetain(_ok(driver.cuDeviceGet(device_index), "cuDeviceGet")),
+                      "cuDevicePrimaryCtxRetain")
+        _ok(driver.cuCtxSetCurrent(context), "cuCtxSetCurrent")
+    module = _ok(driver.cuModuleLoadData(compile_cubin(10 * major + minor)), "cuModuleLoadData")
+    names = [f"w4a16_mma_mb{mb}" for mb in BATCH_BLOCKS] + ["w4a16_mma_dequant"]
+    return {name: _ok(driver.cuModuleGetFunction(module, name.encode()), "cuModuleGetFunction") for name in names}
+
+
+def _launch(name: str, device: torch.device, grid: int, threads: int, shared: int, args: tuple, types: tuple) -> None:
+    driver, _ = _bindings()
+    func = _functions(device.index if device.index is not None else torch.cuda.current_device())[name]
+    stream = driver.CUstream(torch.cuda.current_stream(device).cuda_stream)
+    (err,) = driver.cuLaunchKernel(func, grid, 1, 1, threads, 1, 1, shared, stream, (args, types), 0)
+    _ok((err, None), f"cuLaunchKernel({name})")
+
+
+# ---- the layout ---------------------------------------------------------------------------
+
+
+def _slot_index() -> torch.Tensor:
+    """[32 lanes, 8 nibble slots] -> position r * 16 + kk in the 16 x 16 block (see the module doc)."""
+    lane = torch.arange(32).view(32, 1)
+    slot = torch.arange(8).view(1, 8)
+    g, t = lane // 4, lane % 4
+    # slot s sits at bits 4 s: s & 1 picks row g or g + 8, s & 2 columns + 8, s & 4 the second of a pair
+    row = g + 8 * (slot & 1)
+    col = 2 * t + (slot >> 2) + 8 * ((slot >> 1) & 1)
+    return row * 16 + col
+
+
+def to_mma_layout(qweight: torch.Tensor) -> torch.Tensor:
+    """int4-rowpacked-v1 [N, K / 8] int32 (weight 8 w + i at bits 4 i of word w) -> the mma
+    layout, a flat int32 tensor of ceil(N / 16) * K / 2 words (rows past N are zero)."""
+    n, kw = qweight.shape
+    k = kw * 8
+    if k % 64:
+        raise ValueError(f"the mma layout needs K a multiple of 64, got {k}")
+    tiles, chunks = -(-n // 16), k // 64
+    device = qweight.device
+    shifts = 4 * torch.arange(8, device=device, dtype=torch.int32)
+    slots = _slot_index().to(device).view(-1)
+    out = torch.empty(tiles, chunks, 32, 4, dtype=torch.int32, device=device)
+    step = max(1, 2**22 // k)  # tiles per slice: bounds the temporaries to ~100 MB
+    for t0 in range(0, tiles, step):
+        t1 = min(tiles, t0 + step)
+        rows = qweight[16 * t0:16 * t1]
+        q = ((rows.unsqueeze(-1) >> shifts) & 0xF).to(torch.uint8).view(-1, k)
+        if q.shape[0] != 16 * (t1 - t0):
+            q = torch.cat([q, q.new_zeros(16 * (t1 - t0) - q.shape[0], k)])
+        # [T, r, c, j, kk] -> [T, c, j, r * 16 + kk]
+        blocks = q.view(t1 - t0, 16, chunks, 4, 16).permute(0, 2, 3, 1, 4).reshape(t1 - t0, chunks, 4, 256)
+        nibbles = blocks[..., slots].view(t1 - t0, chunks, 4, 32, 8).to(torch.int32)
+        words = (nibbles << shifts).sum(-1, dtype=torch.int32)  # disjoint bit fields: the sum is their OR
+        out[t0:t1] = words.permute(0, 1, 3, 2)  # [T, c, lane, j]
+    return out.view(-1)
+
+
+def from_mma_layout(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """The inverse of to_mma_layout: back to int4-rowpacked-v1 [N, K / 8] (tests, tools)."""
+    tiles, chunks = -(-n // 16), k // 64
+    shifts = 4 * torch.arange(8, device=packed.device, dtype=torch.int32)
+    words = packed.view(tiles, chunks, 32, 4).permute(0, 1, 3, 2)  # [T, c, j, lane]
+    nibbles = ((words.unsqueeze(-1) >> shifts) & 0xF).to(torch.uint8)
+    blocks = torch.empty(tiles, chunks, 4, 256, dtype=torch.uint8, device=packed.device)
+    blocks[..., _slot_index().to(packed.device).view(-1)] = nibbles.reshape(tiles, chunks, 4, 256)
+    q = blocks.view(tiles, chunks, 4, 16, 16).permute(0, 3, 1, 2, 4).reshape(tiles * 16, k)[:n]
+    return (q.view(n, k // 8, 8).to(torch.int32) << shifts).sum(-1, dtype=torch.int32)
+
+
+# ---- the linear -----------------------------------------------------------------------------
+
+
+def warps_per_tile(n: int, k: int, num_sms: int) -> int:
+    """Split K over up to 8 warps until ~16 warps per SM, keeping >= 4 chunks per warp."""
+    tiles, chunks = -(-n // 16), k // 64
+    warps = 1
+    while warps < 8 and tiles * warps < 16 * num_sms and chunks // (warps * 2) >= 4:
+        warps *= 2
+    return warps
+
+
+def w4a16_mma_linear(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    group_size: int,
+    bias: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """x [M, K] fp16 @ dequant(W)^T (+ bias) -> [M, N] fp16 with W in the mma layout
+    (to_mma_layout). M <= 64 per launch; up to 256 rows run as slices of 64; more rows
+    dequantize to fp16 once and call cuBLAS."""
+    m, k = x.shape
+    n = scales.shape[0]
+    if not supports(k, group_size) or packed.numel() * 8 != -(-n // 16) * 16 * k:
+        raise ValueError(f"the mma kernel needs weights from to_mma_layout of an [N={n}, K={k}] matrix "
+                         f"with a power-of-two group size >= 64 dividing K, got group size {group_size}")
+    if out is None:
+        out = torch.empty(m, n, dtype=torch.float16, device=x.device)
+    if m == 0:
+        return out
+    if m > 4 * MAX_ROWS:
+        w = dequantize_mma(packed, scales, zeros, group_size, n, k)
+        return torch.matmul(x, w.t(), out=out) if bias is None else torch.addmm(bias, x, w.t(), out=out)
+    if x.stride(1) != 1 or x.stride(0) % 2 or x.data_ptr() % 4:
+        x = x.contiguous()  # x read as fp16 pairs
+    scales, zeros = scales.contiguous(), zeros.contiguous()
+    if bias is not None:
+        bias = bias.contiguous()
+    warps = warps_per_tile(n, k, sm_count(x.device))
+    gshift = group_size.bit_length() - 1
+    for m0 in range(0, m, MAX_ROWS):
+        rows = min(MAX_ROWS, m - m0)
+        mb = next(b for b in BATCH_BLOCKS if 8 * b >= rows)
+        xs, outs = x[m0:m0 + rows], out[m0:m0 + rows]
+        _launch(f"w4a16_mma_mb{mb}", x.device, -(-n // 16), 32 * warps, (warps - 1) * 4 * mb * 32 * 4,
+                (xs.data_ptr(), xs.stride(0), rows, packed.data_ptr(), scales.data_ptr(), zeros.data_ptr(),
+                 0 if bias is None else bias.data_ptr(), outs.data_ptr(), outs.stride(0), n, k, gshift),
+                (ctypes.c_void_p, ctypes.c_longlong, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+                 ctypes.c_void_p, ctypes.c_void_p, ctypes.c_longlong, ctypes.c_int, ctypes.c_int, ctypes.c_int))
+    return out
+
+
+def dequantize_mma(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
+                   n: int, k: int) -> torch.Tensor:
+    """The fp16 weight [N, K] from the mma layout."""
+    w = torch.empty(n, k, dtype=torch.float16, device=packed.device)
+    threads = -(-n // 16) * (k // 64) * 32
+    _launch("w4a16_mma_dequant", packed.device, -(-threads // 128), 128, 0,
+            (packed.data_ptr(), scales.contiguous().data_ptr(), zeros.contiguous().data_ptr(), w.data_ptr(), n, k,
+             group_size.bit_length() - 1),
+            (ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int,
+             ctypes.c_int))
+    return w

@@ -1,0 +1,71 @@
+"""The tensor-core kernel's weight layout (engine/kernels/w4a16_cuda.py), checked on the CPU.
+
+The kernel decodes each lane's words with fixed shifts and masks into the A fragment of
+mma.m16n8k16; these tests decode the layout the same way and place the values where the
+PTX ISA's fragment table says that lane's registers sit in the 16 x 16 block, so a wrong
+nibble, lane, step, chunk or tile fails here, without a GPU.
+"""
+
+import pytest
+import torch
+
+from edgellm.engine.kernels import w4a16_cuda
+from edgellm.engine.quant import unpack_int4
+
+# PTX ISA, mma.m16n8k16 .f16 A fragment: register i of lane 4g + t holds two fp16 values at
+# (row, column) of the 16 x 16 block; the first in the low half.
+A_FRAGMENT = {
+    0: (("g", "2*t"), ("g", "2*t+1")),
+    1: (("g+8", "2*t"), ("g+8", "2*t+1")),
+    2: (("g", "2*t+8"), ("g", "2*t+9")),
+    3: (("g+8", "2*t+8"), ("g+8", "2*t+9")),
+}
+
+
+def _where(expr: str, g: int, t: int) -> int:
+    return eval(expr, {"g": g, "t": t, "__builtins__": {}})  # noqa: S307 - the fixed table above
+
+
+def _random_rowpacked(n: int, k: int, seed: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(-2**31, 2**31 - 1, (n, k // 8), generator=gen, dtype=torch.int64).to(torch.int32)
+
+
+@pytest.mark.parametrize("n,k", [(16, 64), (40, 128), (33, 256)])
+def test_every_lane_register_holds_its_fragment_weights(n, k):
+    qweight = _random_rowpacked(n, k, seed=n + k)
+    q = unpack_int4(qweight)  # [N, K] nibble values
+    packed = w4a16_cuda.to_mma_layout(qweight)
+    tiles, chunks = -(-n // 16), k // 64
+    assert packed.shape == (tiles * chunks * 32 * 4,)
+    decoded = torch.full((tiles * 16, k), -1, dtype=torch.int64)
+    words = packed.view(tiles, chunks, 32, 4).to(torch.int64) & 0xFFFFFFFF
+    for tile in range(tiles):
+        for c in range(chunks):
+            for lane in range(32):
+                g, t = lane // 4, lane % 4
+                for j in range(4):
+                    word = int(words[tile, c, lane, j])
+                    for reg, (low, high) in A_FRAGMENT.items():
+                        bits = (word >> (4 * reg)) & 0x000F000F  # what the kernel's unpack_a takes
+                        for (row, col), value in ((low, bits & 0xF), (high, bits >> 16)):
+                            r, kk = _where(row, g, t), _where(col, g, t)
+                            decoded[16 * tile + r, 64 * c + 16 * j + kk] = value
+    assert (decoded >= 0).all(), "some weight of the block is in no lane's fragment"
+    assert torch.equal(decoded[:n], q.to(torch.int64))
+    assert (decoded[n:] == 0).all(), "rows past N are zero"
+
+
+@pytest.mark.parametrize("n,k", [(40, 128), (4096, 4096 // 4)])
+def test_layout_round_trips(n, k):
+    qweight = _random_rowpacked(n, k, seed=7)
+    packed = w4a16_cuda.to_mma_layout(qweight)
+    assert torch.equal(w4a16_cuda.from_mma_layout(packed, n, k), qweight)
+
+
+def test_shapes_the_kernel_does_not_take_are_refused_or_routed_elsewhere():
+    with pytest.raises(ValueError, match="multiple of 64"):
+        w4a16_cuda.to_mma_layout(torch.zeros(16, 4, dtype=torch.int32))  # K = 32
+    assert not w4a16_cuda.supports(4096, 32)  # a 64-wide chunk would span two groups
+    assert not w4a16_cuda.supports(1536, 96)  # not a power of two
+    assert w4a16_cuda.supports(4096, 128) and w4a16_cuda.supports(256, 256)
