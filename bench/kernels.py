@@ -140,14 +140,13 @@ def bench_w4a16(m, n, k, g, copies, cfg, gen):
 
 
 def bench_mma(m, n, k, g, copies, gen):
-    """The tensor-core kernel on weights in its own layout (copies from to_mma_layout)."""
+    """The tensor-core kernel on weights in its own layout (MmaWeights copies)."""
     xs = [torch.randn(m, k, device="cuda", generator=gen).half() for _ in range(2)]
     outs = [torch.empty(m, n, device="cuda", dtype=torch.float16) for _ in range(2)]
     calls = []
     for i in range(max(len(copies) * 2, 8)):
-        qw, s, z = copies[i % len(copies)]
-        x, o = xs[i % 2], outs[i % 2]
-        calls.append(lambda qw=qw, s=s, z=z, x=x, o=o: w4a16_cuda.w4a16_mma_linear(x, qw, s, z, g, out=o))
+        w, x, o = copies[i % len(copies)], xs[i % 2], outs[i % 2]
+        calls.append(lambda w=w, x=x, o=o: w4a16_cuda.w4a16_mma_linear(x, w, out=o))
     return graph_time_us(calls)
 
 
@@ -225,7 +224,7 @@ def main() -> None:
     for name, n, k in SHAPES:
         wbytes = w4_bytes(1, n, k, g)
         copies = random_weights(n, k, g, max(2, math.ceil(3 * L2_BYTES / wbytes)), gen)
-        mma_copies = [(w4a16_cuda.to_mma_layout(qw), s, z) for qw, s, z in copies] if mma_ok else None
+        mma_copies = [w4a16_cuda.MmaWeights.from_rowpacked(qw, s, z, g) for qw, s, z in copies] if mma_ok else None
         for m in DECODE_M + ([] if args.no_prefill else PREFILL_M):
             if m not in DECODE_M and name not in PREFILL_SHAPES:
                 continue

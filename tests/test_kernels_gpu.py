@@ -327,20 +327,20 @@ def _mma_or_skip():
 @pytest.mark.parametrize("n,k,g,bias", [(6144, 2048, 128, False), (2048, 8192, 128, True), (4096, 4096, 64, False),
                                         (1000, 4096, 128, False), (3000, 1536, 64, True), (28672, 4096, 128, False),
                                         (40, 256, 256, True)])
-@pytest.mark.parametrize("m", [1, 2, 3, 8, 13, 64, 100, 300])
+@pytest.mark.parametrize("m", [1, 2, 3, 8, 13, 16, 17, 100, 300])
 def test_mma_kernel_matches_dequantized_reference(n, k, g, bias, m):
-    """N not a multiple of the 16-row tile, K split unevenly over warps, every batch block
-    (1..64 rows), slices of 64 rows (100) and the dequantize + cuBLAS path (300)."""
+    """N not a multiple of the 16-row tile, K split unevenly over warps, both batch blocks
+    (1..16 rows), slices of 16 rows (100) and the dequantize + cuBLAS path (300)."""
     w4a16_cuda = _mma_or_skip()
     qw = _weights(n, k, g)
-    packed = w4a16_cuda.to_mma_layout(qw.qweight)
+    packed = w4a16_cuda.MmaWeights.from_rowpacked(qw.qweight, qw.scales, qw.zeros, g)
     w_ref = qw.dequantize(torch.float32)
     torch.manual_seed(n + k + m)
     x = torch.randn(m, k, device="cuda").half()
     b = torch.randn(n, device="cuda").half() if bias else None
     ref = x.float() @ w_ref.t() + (b.float() if bias else 0)
     out = _poisoned(m, n)
-    w4a16_cuda.w4a16_mma_linear(x, packed, qw.scales, qw.zeros, g, b, out=out)
+    w4a16_cuda.w4a16_mma_linear(x, packed, b, out=out)
     err = _rel_err(out, ref)
     print(f"mma M={m} N={n} K={k} G={g} bias={bias}: rel err {err:.2e}")
     assert torch.isfinite(out).all(), "unwritten or non-finite output"
@@ -353,22 +353,23 @@ def test_mma_layout_is_the_same_on_the_gpu_and_dequantizes_exactly():
 
     w4a16_cuda = _mma_or_skip()
     qw = _weights(3000, 1536, 64)
-    packed = w4a16_cuda.to_mma_layout(qw.qweight)
-    assert torch.equal(packed.cpu(), w4a16_cuda.to_mma_layout(qw.qweight.cpu()))
-    dense = w4a16_cuda.dequantize_mma(packed, qw.scales, qw.zeros, 64, 3000, 1536)
+    packed = w4a16_cuda.MmaWeights.from_rowpacked(qw.qweight, qw.scales, qw.zeros, 64)
+    assert torch.equal(packed.qweight.cpu(), w4a16_cuda.to_mma_layout(qw.qweight.cpu()))
+    assert torch.equal(packed.scale_zero.cpu(), w4a16_cuda.pack_scales(qw.scales.cpu(), qw.zeros.cpu()))
+    dense = w4a16_cuda.dequantize_mma(packed)
     assert torch.equal(dense, dequantize_fp16(qw.qweight, qw.scales, qw.zeros, 64))
 
 
 def test_mma_kernel_replays_in_a_cuda_graph():
     w4a16_cuda = _mma_or_skip()
     qw = _weights(4096, 4096, 128)
-    packed = w4a16_cuda.to_mma_layout(qw.qweight)
+    packed = w4a16_cuda.MmaWeights.from_rowpacked(qw.qweight, qw.scales, qw.zeros, 128)
     x = torch.randn(4, 4096, device="cuda").half()
-    eager = w4a16_cuda.w4a16_mma_linear(x, packed, qw.scales, qw.zeros, 128)
+    eager = w4a16_cuda.w4a16_mma_linear(x, packed)
     out = torch.empty_like(eager)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        w4a16_cuda.w4a16_mma_linear(x, packed, qw.scales, qw.zeros, 128, out=out)
+        w4a16_cuda.w4a16_mma_linear(x, packed, out=out)
     out.fill_(float("nan"))
     graph.replay()
     torch.cuda.synchronize()

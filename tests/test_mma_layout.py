@@ -22,6 +22,13 @@ A_FRAGMENT = {
 }
 
 
+def _k_in_chunk(j: int, kk: int) -> int:
+    """The K order inside a 64-wide chunk: fragment column kk = 2 t + 8 h + e of MMA step j
+    stands for k = 16 t + 4 j + 2 h + e, so that lane t's B fragments are 16 consecutive x values."""
+    t, h, e = (kk % 8) // 2, kk // 8, kk % 2
+    return 16 * t + 4 * j + 2 * h + e
+
+
 def _where(expr: str, g: int, t: int) -> int:
     return eval(expr, {"g": g, "t": t, "__builtins__": {}})  # noqa: S307 - the fixed table above
 
@@ -50,7 +57,7 @@ def test_every_lane_register_holds_its_fragment_weights(n, k):
                         bits = (word >> (4 * reg)) & 0x000F000F  # what the kernel's unpack_a takes
                         for (row, col), value in ((low, bits & 0xF), (high, bits >> 16)):
                             r, kk = _where(row, g, t), _where(col, g, t)
-                            decoded[16 * tile + r, 64 * c + 16 * j + kk] = value
+                            decoded[16 * tile + r, 64 * c + _k_in_chunk(j, kk)] = value
     assert (decoded >= 0).all(), "some weight of the block is in no lane's fragment"
     assert torch.equal(decoded[:n], q.to(torch.int64))
     assert (decoded[n:] == 0).all(), "rows past N are zero"
@@ -61,6 +68,21 @@ def test_layout_round_trips(n, k):
     qweight = _random_rowpacked(n, k, seed=7)
     packed = w4a16_cuda.to_mma_layout(qweight)
     assert torch.equal(w4a16_cuda.from_mma_layout(packed, n, k), qweight)
+
+
+def test_scales_and_zeros_pack_by_tile_group_and_fragment_row():
+    gen = torch.Generator().manual_seed(3)
+    n, ng = 40, 3
+    scales = (torch.rand(n, ng, generator=gen) * 0.01 + 0.001).half()
+    zeros = torch.randint(0, 16, (n, ng), generator=gen).half()
+    packed = w4a16_cuda.pack_scales(scales, zeros)
+    assert packed.shape == (3, ng, 8, 2)
+    for row in range(n):
+        for q in range(ng):
+            word = int(packed[row // 16, q, row % 8, (row % 16) // 8]) & 0xFFFFFFFF
+            low = torch.tensor([word & 0xFFFF], dtype=torch.int32).to(torch.int16).view(torch.float16)
+            high = torch.tensor([word >> 16], dtype=torch.int32).to(torch.int16).view(torch.float16)
+            assert low.item() == scales[row, q].item() and high.item() == zeros[row, q].item() + 1024
 
 
 def test_shapes_the_kernel_does_not_take_are_refused_or_routed_elsewhere():

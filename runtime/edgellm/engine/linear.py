@@ -29,6 +29,7 @@ class Int4Linear(nn.Module):
         self.register_buffer("zeros", torch.empty(out_features, groups, dtype=torch.float16, device=device))
         self.register_buffer("bias", torch.empty(out_features, dtype=torch.float16, device=device) if bias else None)
         self._dense: torch.Tensor | None = None
+        self.mma_weights = None  # w4a16_cuda.MmaWeights once prepare() chose the tensor-core kernel
         self.path = "dense"  # "mma" | "triton" | "dense": set by prepare()
 
     def quantized(self) -> QuantizedWeight:
@@ -43,7 +44,8 @@ class Int4Linear(nn.Module):
         from edgellm.engine.kernels import w4a16_cuda
 
         if self.qweight.is_cuda and w4a16_cuda.usable(self.in_features, self.group_size):
-            self.qweight = w4a16_cuda.to_mma_layout(self.qweight)
+            self.mma_weights = w4a16_cuda.MmaWeights.from_rowpacked(self.qweight, self.scales, self.zeros, self.group_size)
+            self.qweight = self.scales = self.zeros = None  # the GPU keeps one copy: the kernel's
             self.path = "mma"
         elif self.qweight.is_cuda and kernels.available():
             self.path = "triton"
@@ -61,7 +63,7 @@ class Int4Linear(nn.Module):
         if self.path == "mma":
             from edgellm.engine.kernels.w4a16_cuda import w4a16_mma_linear
 
-            out = w4a16_mma_linear(x2, self.qweight, self.scales, self.zeros, self.group_size, self.bias)
+            out = w4a16_mma_linear(x2, self.mma_weights, self.bias)
         else:
             from edgellm.engine.kernels.w4a16 import w4a16_linear
 

@@ -34,6 +34,7 @@ no GPU: `compile_cubin` can run on a build host for an engine's target SM.
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import functools
 import hashlib
 import os
@@ -53,7 +54,14 @@ __device__ __forceinline__ u32 hmul2(u32 a, u32 b) { u32 d; asm("mul.rn.f16x2 %0
 __device__ __forceinline__ float half_to_float(u16 h) { float f; asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h)); return f; }
 __device__ __forceinline__ u16 float_to_half(float f) { u16 h; asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f)); return h; }
 __device__ __forceinline__ u16 load_half(const u16* p) { u16 h; asm("ld.global.nc.u16 %0, [%1];" : "=h"(h) : "l"(p)); return h; }
-__device__ __forceinline__ u32 load_word(const u16* p) { u32 v; asm("ld.global.nc.u32 %0, [%1];" : "=r"(v) : "l"(p)); return v; }
+__device__ __forceinline__ uint2 load_pair(const uint2* p) {
+    uint2 v; asm("ld.global.nc.v2.u32 {%0, %1}, [%2];" : "=r"(v.x), "=r"(v.y) : "l"(p)); return v;
+}
+__device__ __forceinline__ uint4 load_cached(const uint4* p) {
+    uint4 v;
+    asm("ld.global.nc.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+    return v;
+}
 // Weights are read once: stream them past L1 (x, scales and zeros stay cached there).
 __device__ __forceinline__ uint4 load_stream(const uint4* p) {
     uint4 v;
@@ -80,13 +88,27 @@ __device__ __forceinline__ void unpack_a(u32 word, u32 za, u32 zb, u32 (&a)[4]) 
     a[3] = hsub2(((word >> 12) & 0x000F000Fu) | magic, zb);
 }
 
+// Scale (fp32) and 1024 + zero (fp16, both halves) of rows g and g + 8 from a packed pair.
+struct ScaleZero { float sa, sb; u32 za, zb; };
+__device__ __forceinline__ ScaleZero unpack_sz(uint2 v) {
+    ScaleZero r;
+    r.sa = half_to_float((u16)(v.x & 0xffffu));
+    r.sb = half_to_float((u16)(v.y & 0xffffu));
+    r.za = __byte_perm(v.x, 0, 0x3232);
+    r.zb = __byte_perm(v.y, 0, 0x3232);
+    return r;
+}
+
 // out[m, n] = sum_k x[m, k] * (q[n, k] - zero[n, k / G]) * scale[n, k / G] (+ bias[n]) for
 // M <= 8 * MB rows of x. Block: the 16 output features of tile blockIdx.x; its warps take
 // equal runs of the K / 64 chunks. G = 1 << gshift, a multiple of 64 dividing K.
+// Within a chunk, MMA step j's fragment column kk stands for k = 16 t' + 4 j + 2 h + e
+// (kk = 2 t' + 8 h + e), so lane 4 g + t finds all its B fragments of the chunk in the 16
+// consecutive x values 64 c + 16 t .. + 15: two 16-byte loads (the weights are laid out to match).
 template <int MB, int UNROLL>
 __device__ __forceinline__ void w4a16_mma(
     const u16* __restrict__ x, long long stride_xm, int M, const uint4* __restrict__ qw,
-    const u16* __restrict__ scales, const u16* __restrict__ zeros, const u16* __restrict__ bias,
+    const uint2* __restrict__ sz, const u16* __restrict__ bias,
     u16* __restrict__ out, long long stride_om, int N, int K, int gshift, float* red)
 {
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, warps = blockDim.x >> 5;
@@ -95,19 +117,15 @@ __device__ __forceinline__ void w4a16_mma(
     const int chunks = K >> 6;
     const int c_begin = (chunks * warp) / warps, c_end = (chunks * (warp + 1)) / warps;
     const int ng = K >> gshift;
-    const int row_a = min(tile * 16 + g, N - 1), row_b = min(tile * 16 + g + 8, N - 1);  // rows past N: never stored
-    const u16* s_a = scales + (long long)row_a * ng;
-    const u16* s_b = scales + (long long)row_b * ng;
-    const u16* z_a = zeros + (long long)row_a * ng;
-    const u16* z_b = zeros + (long long)row_b * ng;
     const uint4* wp = qw + (long long)tile * chunks * 32 + lane;  // chunk c at wp[32 c]
-    const u16* xr[MB];  // B fragment: x[g + 8 mb][k + 2t ..], zero for rows past M
+    const uint2* szp = sz + (long long)tile * ng * 8 + g;        // group q at szp[8 q]
+    const uint4* xr[MB];  // x[g + 8 mb][16 t ..] as 16-byte vectors; rows past M read as zero
     bool x_ok[MB];
 #pragma unroll
     for (int mb = 0; mb < MB; ++mb) {
         const int m = g + 8 * mb;
         x_ok[mb] = m < M;
-        xr[mb] = x + (long long)min(m, M - 1) * stride_xm + 2 * t;
+        xr[mb] = reinterpret_cast<const uint4*>(x + (long long)min(m, M - 1) * stride_xm + 16 * t);
     }
     float acc[MB][4];
 #pragma unroll
@@ -116,17 +134,25 @@ __device__ __forceinline__ void w4a16_mma(
         for (int i = 0; i < 4; ++i) acc[mb][i] = 0.f;
 
     for (int c0 = c_begin; c0 < c_end; c0 += UNROLL) {
-        uint4 w[UNROLL];  // every load of the step in flight before any arithmetic
-#pragma unroll
-        for (int u = 0; u < UNROLL; ++u) w[u] = c0 + u < c_end ? load_stream(wp + 32 * (c0 + u)) : make_uint4(0, 0, 0, 0);
+        // Every load of the step in flight before any arithmetic: weights, scales, x.
+        uint4 w[UNROLL], xv[UNROLL][MB][2];
+        uint2 szv[UNROLL];
 #pragma unroll
         for (int u = 0; u < UNROLL; ++u) {
-            const int c = c0 + u;  // the same for the whole warp: mma.sync sees all lanes
-            if (c < c_end) {
-                const int grp = (c << 6) >> gshift;
-                const u32 magic = 0x64006400u;
-                const u32 za = hadd2(both_halves(load_half(z_a + grp)), magic);
-                const u32 zb = hadd2(both_halves(load_half(z_b + grp)), magic);
+            const int c = c0 + u;
+            const bool ok = c < c_end;
+            w[u] = ok ? load_stream(wp + 32 * c) : make_uint4(0, 0, 0, 0);
+            szv[u] = ok ? load_pair(szp + 8 * ((c << 6) >> gshift)) : make_uint2(0, 0);
+#pragma unroll
+            for (int mb = 0; mb < MB; ++mb) {
+                xv[u][mb][0] = ok && x_ok[mb] ? load_cached(xr[mb] + 8 * c) : make_uint4(0, 0, 0, 0);
+                xv[u][mb][1] = ok && x_ok[mb] ? load_cached(xr[mb] + 8 * c + 1) : make_uint4(0, 0, 0, 0);
+            }
+        }
+#pragma unroll
+        for (int u = 0; u < UNROLL; ++u) {
+            if (c0 + u < c_end) {  // the same for the whole warp: mma.sync sees all lanes
+                const ScaleZero q = unpack_sz(szv[u]);
                 float part[MB][4];
 #pragma unroll
                 for (int mb = 0; mb < MB; ++mb)
@@ -135,22 +161,19 @@ __device__ __forceinline__ void w4a16_mma(
 #pragma unroll
                 for (int j = 0; j < 4; ++j) {
                     u32 a[4];
-                    unpack_a(word_of(w[u], j), za, zb, a);
-                    const int k = (c << 6) + 16 * j;
+                    unpack_a(word_of(w[u], j), q.za, q.zb, a);
 #pragma unroll
                     for (int mb = 0; mb < MB; ++mb) {
-                        const u32 b0 = x_ok[mb] ? load_word(xr[mb] + k) : 0u;
-                        const u32 b1 = x_ok[mb] ? load_word(xr[mb] + k + 8) : 0u;
-                        mma_16816(part[mb], a, b0, b1);
+                        const uint4& v = xv[u][mb][j >> 1];
+                        mma_16816(part[mb], a, (j & 1) ? v.z : v.x, (j & 1) ? v.w : v.y);
                     }
                 }
-                const float sa = half_to_float(load_half(s_a + grp)), sb = half_to_float(load_half(s_b + grp));
 #pragma unroll
                 for (int mb = 0; mb < MB; ++mb) {
-                    acc[mb][0] += sa * part[mb][0];
-                    acc[mb][1] += sa * part[mb][1];
-                    acc[mb][2] += sb * part[mb][2];
-                    acc[mb][3] += sb * part[mb][3];
+                    acc[mb][0] += q.sa * part[mb][0];
+                    acc[mb][1] += q.sa * part[mb][1];
+                    acc[mb][2] += q.sb * part[mb][2];
+                    acc[mb][3] += q.sb * part[mb][3];
                 }
             }
         }
@@ -186,17 +209,18 @@ __device__ __forceinline__ void w4a16_mma(
 
 #define MMA_ENTRY(MB, UNROLL)                                                                             \
     extern "C" __global__ void __launch_bounds__(256) w4a16_mma_mb##MB(                                   \
-        const u16* x, long long stride_xm, int M, const uint4* qw, const u16* scales, const u16* zeros,   \
+        const u16* x, long long stride_xm, int M, const uint4* qw, const uint2* sz,                       \
         const u16* bias, u16* out, long long stride_om, int N, int K, int gshift) {                       \
         extern __shared__ float red[];                                                                    \
-        w4a16_mma<MB, UNROLL>(x, stride_xm, M, qw, scales, zeros, bias, out, stride_om, N, K, gshift, red); \
+        w4a16_mma<MB, UNROLL>(x, stride_xm, M, qw, sz, bias, out, stride_om, N, K, gshift, red);          \
     }
-MMA_ENTRY(1, 4) MMA_ENTRY(2, 4) MMA_ENTRY(4, 4) MMA_ENTRY(8, 2)
+MMA_ENTRY(1, 4) MMA_ENTRY(2, 2)
 
 // The fp16 weight [N, K] from the mma layout, (q - zero) * scale rounded once (prefill
-// through cuBLAS). One thread per (tile, chunk, lane).
+// through cuBLAS). One thread per (tile, chunk, lane): it holds k = 64 c + 16 t .. + 15 of
+// rows g and g + 8, written as 32 contiguous bytes each.
 extern "C" __global__ void __launch_bounds__(128) w4a16_mma_dequant(
-    const uint4* qw, const u16* scales, const u16* zeros, u16* out, int N, int K, int gshift)
+    const uint4* qw, const uint2* sz, u16* out, int N, int K, int gshift)
 {
     const int chunks = K >> 6;
     const long long id = (long long)blockIdx.x * blockDim.x + threadIdx.x;
@@ -205,33 +229,37 @@ extern "C" __global__ void __launch_bounds__(128) w4a16_mma_dequant(
     const int tile = (int)(tc / chunks), c = (int)(tc % chunks);
     if (tile * 16 >= N) return;
     const int g = lane >> 2, t = lane & 3;
-    const int ng = K >> gshift, grp = (c << 6) >> gshift;
-    const int rows[2] = {tile * 16 + g, tile * 16 + g + 8};
-    u32 z2[2], s2[2];
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-        const long long at = (long long)min(rows[h], N - 1) * ng + grp;
-        z2[h] = hadd2(both_halves(load_half(zeros + at)), 0x64006400u);
-        s2[h] = both_halves(load_half(scales + at));
-    }
+    const int ng = K >> gshift;
+    const uint2 packed_sz = sz[((long long)tile * ng + ((c << 6) >> gshift)) * 8 + g];
+    const ScaleZero q = unpack_sz(packed_sz);
+    const u32 s2a = __byte_perm(packed_sz.x, 0, 0x1010), s2b = __byte_perm(packed_sz.y, 0, 0x1010);
     const uint4 v = qw[tc * 32 + lane];
+    u32 row_a[8], row_b[8];  // u32 2 j + h holds k = 16 t + 4 j + 2 h (+ 1)
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
         u32 a[4];
-        unpack_a(word_of(v, j), z2[0], z2[1], a);
-        const int k = (c << 6) + 16 * j + 2 * t;
+        unpack_a(word_of(v, j), q.za, q.zb, a);
+        row_a[2 * j] = hmul2(a[0], s2a);
+        row_b[2 * j] = hmul2(a[1], s2b);
+        row_a[2 * j + 1] = hmul2(a[2], s2a);
+        row_b[2 * j + 1] = hmul2(a[3], s2b);
+    }
+    const int rows[2] = {tile * 16 + g, tile * 16 + g + 8};
 #pragma unroll
-        for (int i = 0; i < 4; ++i) {  // a[i]: row g + 8 (i & 1), columns k + 8 (i >> 1) and one more
-            const int h = i & 1, row = rows[h];
-            if (row < N)
-                *reinterpret_cast<u32*>(out + (long long)row * K + k + 8 * (i >> 1)) = hmul2(a[i], s2[h]);
+    for (int h = 0; h < 2; ++h) {
+        if (rows[h] < N) {
+            const u32* r = h ? row_b : row_a;
+            uint4* dst = reinterpret_cast<uint4*>(out + (long long)rows[h] * K + 64 * c + 16 * t);
+            dst[0] = make_uint4(r[0], r[1], r[2], r[3]);
+            dst[1] = make_uint4(r[4], r[5], r[6], r[7]);
         }
     }
 }
 """
 
-BATCH_BLOCKS = (1, 2, 4, 8)  # MB: kernels for up to 8, 16, 32, 64 rows of x
+BATCH_BLOCKS = (1, 2)  # MB: kernels for up to 8 and 16 rows of x
 MAX_ROWS = 8 * BATCH_BLOCKS[-1]
+SLICED_ROWS = 2 * MAX_ROWS  # up to this many rows run as slices; beyond, dequantize + cuBLAS
 
 
 def _bindings():
@@ -330,8 +358,15 @@ def _launch(name: str, device: torch.device, grid: int, threads: int, shared: in
 # ---- the layout ---------------------------------------------------------------------------
 
 
+def _chunk_order() -> torch.Tensor:
+    """[step j, fragment column kk] -> k within the 64-wide chunk: 16 t + 4 j + 2 h + e for kk = 2 t + 8 h + e."""
+    j = torch.arange(4).view(4, 1)
+    kk = torch.arange(16).view(1, 16)
+    return 16 * ((kk % 8) // 2) + 4 * j + 2 * (kk // 8) + kk % 2
+
+
 def _slot_index() -> torch.Tensor:
-    """[32 lanes, 8 nibble slots] -> position r * 16 + kk in the 16 x 16 block (see the module doc)."""
+    """[32 lanes, 8 nibble slots] -> position r * 16 + kk in the 16 x 16 fragment block (see the module doc)."""
     lane = torch.arange(32).view(32, 1)
     slot = torch.arange(8).view(1, 8)
     g, t = lane // 4, lane % 4
@@ -351,6 +386,7 @@ def to_mma_layout(qweight: torch.Tensor) -> torch.Tensor:
     tiles, chunks = -(-n // 16), k // 64
     device = qweight.device
     shifts = 4 * torch.arange(8, device=device, dtype=torch.int32)
+    order = _chunk_order().to(device).view(-1)
     slots = _slot_index().to(device).view(-1)
     out = torch.empty(tiles, chunks, 32, 4, dtype=torch.int32, device=device)
     step = max(1, 2**22 // k)  # tiles per slice: bounds the temporaries to ~100 MB
@@ -360,7 +396,8 @@ def to_mma_layout(qweight: torch.Tensor) -> torch.Tensor:
         q = ((rows.unsqueeze(-1) >> shifts) & 0xF).to(torch.uint8).view(-1, k)
         if q.shape[0] != 16 * (t1 - t0):
             q = torch.cat([q, q.new_zeros(16 * (t1 - t0) - q.shape[0], k)])
-        # [T, r, c, j, kk] -> [T, c, j, r * 16 + kk]
+        # [T, r, c, (j, kk) in chunk order] -> [T, c, j, r * 16 + kk]
+        q = q.view(t1 - t0, 16, chunks, 64)[..., order]
         blocks = q.view(t1 - t0, 16, chunks, 4, 16).permute(0, 2, 3, 1, 4).reshape(t1 - t0, chunks, 4, 256)
         nibbles = blocks[..., slots].view(t1 - t0, chunks, 4, 32, 8).to(torch.int32)
         words = (nibbles << shifts).sum(-1, dtype=torch.int32)  # disjoint bit fields: the sum is their OR
@@ -376,8 +413,44 @@ def from_mma_layout(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
     nibbles = ((words.unsqueeze(-1) >> shifts) & 0xF).to(torch.uint8)
     blocks = torch.empty(tiles, chunks, 4, 256, dtype=torch.uint8, device=packed.device)
     blocks[..., _slot_index().to(packed.device).view(-1)] = nibbles.reshape(tiles, chunks, 4, 256)
-    q = blocks.view(tiles, chunks, 4, 16, 16).permute(0, 3, 1, 2, 4).reshape(tiles * 16, k)[:n]
-    return (q.view(n, k // 8, 8).to(torch.int32) << shifts).sum(-1, dtype=torch.int32)
+    in_order = blocks.view(tiles, chunks, 4, 16, 16).permute(0, 3, 1, 2, 4).reshape(tiles * 16, chunks, 64)
+    q = torch.empty_like(in_order)
+    q[..., _chunk_order().to(packed.device).view(-1)] = in_order
+    q = q.view(tiles * 16, k)[:n]
+    return (q.reshape(n, k // 8, 8).to(torch.int32) << shifts).sum(-1, dtype=torch.int32)
+
+
+def pack_scales(scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
+    """[N, K / G] fp16 scales and zeros -> int32 [tiles, K / G, 8, 2]: element (T, q, g, h) holds
+    the scale (low half) and 1024 + zero (high half) of row 16 T + g + 8 h, group q."""
+    n, ng = scales.shape
+    tiles = -(-n // 16)
+    s = scales.view(torch.int16).to(torch.int32) & 0xFFFF
+    z = (zeros.float() + 1024).half().view(torch.int16).to(torch.int32) << 16  # exact for zeros 0..15
+    both = s | z
+    if tiles * 16 != n:
+        both = torch.cat([both, both.new_zeros(tiles * 16 - n, ng)])
+    return both.view(tiles, 2, 8, ng).permute(0, 3, 2, 1).contiguous()
+
+
+@dataclasses.dataclass
+class MmaWeights:
+    """An INT4 weight [N, K] in the kernel's layout (to_mma_layout, pack_scales)."""
+
+    qweight: torch.Tensor
+    scale_zero: torch.Tensor
+    n: int
+    k: int
+    group_size: int
+
+    @classmethod
+    def from_rowpacked(cls, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                       group_size: int) -> "MmaWeights":
+        n, k = qweight.shape[0], qweight.shape[1] * 8
+        if not supports(k, group_size) or tuple(scales.shape) != (n, k // group_size):
+            raise ValueError(f"the mma kernel needs a power-of-two group size >= 64 dividing K={k} and scales "
+                             f"[N, K // G]; got group size {group_size}, scales {tuple(scales.shape)}")
+        return cls(to_mma_layout(qweight), pack_scales(scales, zeros), n, k, group_size)
 
 
 # ---- the linear -----------------------------------------------------------------------------
@@ -392,57 +465,43 @@ def warps_per_tile(n: int, k: int, num_sms: int) -> int:
     return warps
 
 
-def w4a16_mma_linear(
-    x: torch.Tensor,
-    packed: torch.Tensor,
-    scales: torch.Tensor,
-    zeros: torch.Tensor,
-    group_size: int,
-    bias: torch.Tensor | None = None,
-    out: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """x [M, K] fp16 @ dequant(W)^T (+ bias) -> [M, N] fp16 with W in the mma layout
-    (to_mma_layout). M <= 64 per launch; up to 256 rows run as slices of 64; more rows
-    dequantize to fp16 once and call cuBLAS."""
+def w4a16_mma_linear(x: torch.Tensor, w: MmaWeights, bias: torch.Tensor | None = None,
+                     out: torch.Tensor | None = None) -> torch.Tensor:
+    """x [M, K] fp16 @ dequant(W)^T (+ bias) -> [M, N] fp16. Up to 16 rows per launch, up to
+    SLICED_ROWS as slices of 16; more rows dequantize to fp16 once and call cuBLAS."""
     m, k = x.shape
-    n = scales.shape[0]
-    if not supports(k, group_size) or packed.numel() * 8 != -(-n // 16) * 16 * k:
-        raise ValueError(f"the mma kernel needs weights from to_mma_layout of an [N={n}, K={k}] matrix "
-                         f"with a power-of-two group size >= 64 dividing K, got group size {group_size}")
+    if k != w.k:
+        raise ValueError(f"x has {k} in-features, the weight has {w.k}")
     if out is None:
-        out = torch.empty(m, n, dtype=torch.float16, device=x.device)
+        out = torch.empty(m, w.n, dtype=torch.float16, device=x.device)
     if m == 0:
         return out
-    if m > 4 * MAX_ROWS:
-        w = dequantize_mma(packed, scales, zeros, group_size, n, k)
-        return torch.matmul(x, w.t(), out=out) if bias is None else torch.addmm(bias, x, w.t(), out=out)
-    if x.stride(1) != 1 or x.stride(0) % 2 or x.data_ptr() % 4:
-        x = x.contiguous()  # x read as fp16 pairs
-    scales, zeros = scales.contiguous(), zeros.contiguous()
+    if m > SLICED_ROWS:
+        dense = dequantize_mma(w)
+        return torch.matmul(x, dense.t(), out=out) if bias is None else torch.addmm(bias, x, dense.t(), out=out)
+    if x.stride(1) != 1 or x.stride(0) % 8 or x.data_ptr() % 16:
+        x = x.contiguous()  # x read as 16-byte vectors
     if bias is not None:
         bias = bias.contiguous()
-    warps = warps_per_tile(n, k, sm_count(x.device))
-    gshift = group_size.bit_length() - 1
+    warps = warps_per_tile(w.n, k, sm_count(x.device))
+    gshift = w.group_size.bit_length() - 1
     for m0 in range(0, m, MAX_ROWS):
         rows = min(MAX_ROWS, m - m0)
         mb = next(b for b in BATCH_BLOCKS if 8 * b >= rows)
         xs, outs = x[m0:m0 + rows], out[m0:m0 + rows]
-        _launch(f"w4a16_mma_mb{mb}", x.device, -(-n // 16), 32 * warps, (warps - 1) * 4 * mb * 32 * 4,
-                (xs.data_ptr(), xs.stride(0), rows, packed.data_ptr(), scales.data_ptr(), zeros.data_ptr(),
-                 0 if bias is None else bias.data_ptr(), outs.data_ptr(), outs.stride(0), n, k, gshift),
-                (ctypes.c_void_p, ctypes.c_longlong, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+        _launch(f"w4a16_mma_mb{mb}", x.device, -(-w.n // 16), 32 * warps, (warps - 1) * 4 * mb * 32 * 4,
+                (xs.data_ptr(), xs.stride(0), rows, w.qweight.data_ptr(), w.scale_zero.data_ptr(),
+                 0 if bias is None else bias.data_ptr(), outs.data_ptr(), outs.stride(0), w.n, k, gshift),
+                (ctypes.c_void_p, ctypes.c_longlong, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
                  ctypes.c_void_p, ctypes.c_void_p, ctypes.c_longlong, ctypes.c_int, ctypes.c_int, ctypes.c_int))
     return out
 
 
-def dequantize_mma(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
-                   n: int, k: int) -> torch.Tensor:
-    """The fp16 weight [N, K] from the mma layout."""
-    w = torch.empty(n, k, dtype=torch.float16, device=packed.device)
-    threads = -(-n // 16) * (k // 64) * 32
-    _launch("w4a16_mma_dequant", packed.device, -(-threads // 128), 128, 0,
-            (packed.data_ptr(), scales.contiguous().data_ptr(), zeros.contiguous().data_ptr(), w.data_ptr(), n, k,
-             group_size.bit_length() - 1),
-            (ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int,
-             ctypes.c_int))
-    return w
+def dequantize_mma(w: MmaWeights) -> torch.Tensor:
+    """The fp16 weight [N, K], each (q - zero) * scale rounded once."""
+    dense = torch.empty(w.n, w.k, dtype=torch.float16, device=w.qweight.device)
+    threads = -(-w.n // 16) * (w.k // 64) * 32
+    _launch("w4a16_mma_dequant", w.qweight.device, -(-threads // 128), 128, 0,
+            (w.qweight.data_ptr(), w.scale_zero.data_ptr(), dense.data_ptr(), w.n, w.k, w.group_size.bit_length() - 1),
+            (ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int))
+    return dense
