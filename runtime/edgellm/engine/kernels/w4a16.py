@@ -1,4 +1,8 @@
-"""W4A16 linear: fp16 activations times the INT4 row-packed weights of engine/quant.py.
+"""W4A16 linear in Triton: fp16 activations times the INT4 row-packed weights of engine/quant.py.
+
+Engines on a GPU where NVRTC is usable run the tensor-core kernel of w4a16_cuda.py instead
+(faster at every batch size, see docs/benchmarks.md); these kernels are the fallback, and
+the reference that one is measured beside in bench/kernels.py.
 
     out[m, n] = sum_k x[m, k] * (q[n, k] - zero[n, k // G]) * scale[n, k // G]  (+ bias[n])
 
