@@ -5,13 +5,14 @@ reduce), which on an H100 is about the time the word takes to arrive from memory
 decode ran at ~60% of bandwidth and every extra row of x cost more. Here the tensor cores
 do the products and the fp32 sums (`mma.sync.m16n8k16`): per packed word a lane only
 turns 8 nibbles into the A operand (4 LOP3 + 4 HSUB2), whatever the batch up to 8 rows
-(up to 64 with more MMAs on the same operand).
+(up to 16 with a second MMA on the same operand).
 
 The layout ("mma" below) puts in each lane's 32-bit word exactly the 8 weights that lane
 holds in its A fragment, so no data moves between lanes or through shared memory:
 
     word (tile T, chunk c, lane l = 4 g + t, step j) holds, for the 16 x 16 block
-    A[r][kk] = W[16 T + r][64 c + 16 j + kk]:
+    A[r][kk] = W[16 T + r][64 c + k(j, kk)], k(j, 2 t' + 8 h + e) = 16 t' + 4 j + 2 h + e
+    (this K order puts a lane's B fragments of the chunk in 16 consecutive x values):
         bits  0..3 A[g][2t]      bits 16..19 A[g][2t+1]      -> a0 = (w >> 0)  & 0x000F000F
         bits  4..7 A[g+8][2t]    bits 20..23 A[g+8][2t+1]    -> a1 = (w >> 4)  & ...
         bits  8..11 A[g][2t+8]   bits 24..27 A[g][2t+9]      -> a2 = (w >> 8)  & ...
