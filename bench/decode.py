@@ -67,9 +67,7 @@ def measure_bandwidth() -> float:
 def weight_bytes_per_step(engine) -> int:
     """Bytes every decode step must read: all projection and norm weights plus the LM head
     (embedding lookups read b rows only). INT4 layers on the tensor-core path hold their
-    weights in the kernel's layout (the same bytes), outside the state dict."""
-    from edgellm.engine.linear import Int4Linear
-
+    weights in the kernel's layout: the same bytes, under other buffer names."""
     total = 0
     for name, t in engine.model.state_dict().items():
         if name.startswith("tok_embeddings") and not engine.config.tie_word_embeddings:
@@ -77,9 +75,6 @@ def weight_bytes_per_step(engine) -> int:
         if "kv_cache" in name:
             continue
         total += t.numel() * t.element_size()
-    for module in engine.model.modules():
-        if isinstance(module, Int4Linear) and module.path == "mma":
-            total += sum(t.numel() * t.element_size() for t in (module.mma_weights.qweight, module.mma_weights.scale_zero))
     return total
 
 

@@ -199,7 +199,7 @@ def main() -> None:
     ap.add_argument("--sweep", action="store_true", help="also time the candidate configurations")
     ap.add_argument("--sweep-shapes", default=",".join(SWEEP_SHAPES), help="shapes to sweep (names as in SHAPES)")
     ap.add_argument("--sweep-m", default="1,2,3,4,8", help="M values to sweep")
-    ap.add_argument("--sweep-kinds", default="", help="only these kernel kinds in the sweep (e.g. cuda,gemv)")
+    ap.add_argument("--sweep-kinds", default="", help="only these Triton kernel kinds in the sweep (e.g. gemv,mma)")
     ap.add_argument("--no-prefill", action="store_true")
     ap.add_argument("--ncu-target", choices=["gemv1", "mma8"], help="only run one kernel a few times (for ncu)")
     args = ap.parse_args()

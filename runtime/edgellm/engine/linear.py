@@ -29,8 +29,14 @@ class Int4Linear(nn.Module):
         self.register_buffer("zeros", torch.empty(out_features, groups, dtype=torch.float16, device=device))
         self.register_buffer("bias", torch.empty(out_features, dtype=torch.float16, device=device) if bias else None)
         self._dense: torch.Tensor | None = None
-        self.mma_weights = None  # w4a16_cuda.MmaWeights once prepare() chose the tensor-core kernel
         self.path = "dense"  # "mma" | "triton" | "dense": set by prepare()
+
+    @property
+    def mma_weights(self):
+        """The tensor-core kernel's view of this layer's buffers (path "mma")."""
+        from edgellm.engine.kernels.w4a16_cuda import MmaWeights
+
+        return MmaWeights(self.mma_qweight, self.mma_scale_zero, self.out_features, self.in_features, self.group_size)
 
     def quantized(self) -> QuantizedWeight:
         """The engine's row-packed weights (before prepare() rearranges them for the GPU)."""
@@ -44,8 +50,10 @@ class Int4Linear(nn.Module):
         from edgellm.engine.kernels import w4a16_cuda
 
         if self.qweight.is_cuda and w4a16_cuda.usable(self.in_features, self.group_size):
-            self.mma_weights = w4a16_cuda.MmaWeights.from_rowpacked(self.qweight, self.scales, self.zeros, self.group_size)
+            mma = w4a16_cuda.MmaWeights.from_rowpacked(self.qweight, self.scales, self.zeros, self.group_size)
             self.qweight = self.scales = self.zeros = None  # the GPU keeps one copy: the kernel's
+            self.register_buffer("mma_qweight", mma.qweight)
+            self.register_buffer("mma_scale_zero", mma.scale_zero)
             self.path = "mma"
         elif self.qweight.is_cuda and kernels.available():
             self.path = "triton"
