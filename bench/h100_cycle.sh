@@ -5,10 +5,12 @@
 #   profile     where a batch-1 decode step's time goes, 8B and 1B shapes (bench/profile_step.py)
 #   kernels     W4A16 kernel table (engine path beside the Triton fallback and cuBLAS) + decode attention
 #   sweep       the same + the Triton candidate configurations (bench/kernels.py --sweep, decode shapes)
+#   sweep-mma   the tensor-core kernel's configurations (ring depth, K split, early start) on every shape, M=1,8
 #   startup     what a fresh process spends on `import torch` and on creating the CUDA context
 #   decode      bench/decode.py: both shapes, vs transformers eager and static cache + compile
 #               (transformers at batches $HF_BATCHES, default 1,4)
 #   decode-ours bench/decode.py without transformers (quicker)
+#   decode-no-pdl  the same with programmatic dependent launch off (EDGELLM_PDL=0), under $OUT/no-pdl
 #   serve-load  the daemon on a 1B-shape INT4 engine under bench/load.py, 5 min
 # e.g. bash bench/h100_cycle.sh tests profile decode-ours
 # The generated gRPC message code is ignored by git: carry runtime/edgellm/v1/*_pb2.py.
@@ -18,7 +20,7 @@ export PYTHONPATH=$PWD/runtime:$PWD/tests PYTHONUNBUFFERED=1 TRITON_CACHE_DIR=/t
     EDGELLM_KERNEL_CACHE=/tmp/edgellm-kernel-cache/edgellm
 OUT=${OUT:-out}
 mkdir -p "$OUT"
-[ $# -gt 0 ] || { sed -n 2,14p "$0" >&2; exit 2; }
+[ $# -gt 0 ] || { sed -n 2,16p "$0" >&2; exit 2; }
 for step in "$@"; do
     echo "=== $step ($(date +%T))"
     case $step in
@@ -41,6 +43,11 @@ for step in "$@"; do
         timeout 240 python3 bench/kernels.py --out "$OUT/kernels.json" --sweep --no-prefill \
             --sweep-shapes "${SWEEP_SHAPES:-8B gate_up,8B down,1B qkv}" --sweep-m "${SWEEP_M:-1,4}" --sweep-kinds "${SWEEP_KINDS:-}" 2>&1 | tee "$OUT/kernels.txt" | tail -45
         ;;
+    sweep-mma)
+        timeout 300 python3 bench/kernels.py --out "$OUT/kernels-sweep.json" --sweep-mma --no-prefill \
+            --sweep-shapes "${SWEEP_SHAPES:-1B qkv,1B o,1B gate_up,1B down,8B qkv,8B o,8B gate_up,8B down}" \
+            --sweep-m "${SWEEP_M:-1,8}" 2>&1 | tee "$OUT/kernels-sweep.txt" | grep -v "^  sweep" | tail -16
+        ;;
     startup)
         for i in 1 2; do
             python3 -c "import time; t0 = time.perf_counter(); import torch; t1 = time.perf_counter(); torch.zeros(1, device='cuda'); torch.cuda.synchronize(); print(f'import torch {t1 - t0:.2f} s, CUDA context {time.perf_counter() - t1:.2f} s')"
@@ -52,6 +59,10 @@ for step in "$@"; do
         ;;
     decode-ours)
         timeout 300 python3 bench/decode.py --out "$OUT" --skip-hf 2>&1 | tee "$OUT/decode.txt" | tail -30
+        ;;
+    decode-no-pdl)
+        mkdir -p "$OUT/no-pdl"
+        EDGELLM_PDL=0 timeout 300 python3 bench/decode.py --out "$OUT/no-pdl" --skip-hf 2>&1 | tee "$OUT/no-pdl/decode.txt" | tail -30
         ;;
     serve-load)
         python3 - <<'PY'
@@ -67,6 +78,6 @@ PY
             | tee "$OUT/load-gpu.txt" | tail -40
         ;;
     *)
-        echo "unknown step $step" >&2; sed -n 2,14p "$0" >&2; exit 2 ;;
+        echo "unknown step $step" >&2; sed -n 2,16p "$0" >&2; exit 2 ;;
     esac
 done

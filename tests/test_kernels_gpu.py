@@ -374,3 +374,73 @@ def test_mma_kernel_replays_in_a_cuda_graph():
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(out, eager)  # no atomics: bit-for-bit
+
+
+def _mma_configs():
+    from edgellm.engine.kernels.w4a16_cuda import RING_STAGES, MmaConfig
+
+    ring = [MmaConfig("ring", w, s, early) for s in RING_STAGES for w in (1, 2, 4, 8) for early in (False, True)]
+    return ring + [MmaConfig("regs", w) for w in (1, 2, 4, 8)]
+
+
+@pytest.mark.parametrize("config", _mma_configs(), ids=str)
+@pytest.mark.parametrize("n,k,m", [(1000, 4096, 1), (2048, 8192, 9), (48, 512, 16)])
+def test_mma_kernel_configurations(config, n, k, m):
+    """Every ring depth and K split (chunks per warp from 1 to 128, some warps with fewer
+    chunks than ring slots), with and without early start, and the register-only kernel."""
+    w4a16_cuda = _mma_or_skip()
+    qw = _weights(n, k, 128)
+    packed = w4a16_cuda.MmaWeights.from_rowpacked(qw.qweight, qw.scales, qw.zeros, 128)
+    torch.manual_seed(m)
+    x = torch.randn(m, k, device="cuda").half()
+    ref = x.float() @ qw.dequantize(torch.float32).t()
+    out = _poisoned(m, n)
+    w4a16_cuda.w4a16_mma_linear(x, packed, out=out, config=config)
+    err = _rel_err(out, ref)
+    print(f"mma {config} M={m} N={n} K={k}: rel err {err:.2e}")
+    assert torch.isfinite(out).all(), "unwritten or non-finite output"
+    assert err < REL_TOL
+
+
+def test_early_start_chain_in_a_graph_waits_for_each_input():
+    """norm -> W4A16 -> W4A16 -> SiLU * up -> argmax, each reading the previous kernel's
+    output, all launched to start early where the GPU has programmatic dependent launch.
+    The graph poisons every intermediate with NaN before the chain: a kernel that read its
+    input before the previous kernel finished would give NaN or another result than the
+    same calls run one at a time with a synchronize between them."""
+    from edgellm.engine.kernels import fused, pdl
+    from edgellm.engine.kernels.argmax import argmax_rows
+
+    w4a16_cuda = _mma_or_skip()
+    print(f"programmatic dependent launch: {pdl.enabled('cuda')}")
+    d, inter = 2048, 4096
+    first, second = _weights(2 * inter, d, 128), _weights(d, inter, 128)
+    w1 = w4a16_cuda.MmaWeights.from_rowpacked(first.qweight, first.scales, first.zeros, 128)
+    w2 = w4a16_cuda.MmaWeights.from_rowpacked(second.qweight, second.scales, second.zeros, 128)
+    torch.manual_seed(0)
+    x, residual = torch.randn(2, d, device="cuda").half(), torch.randn(2, d, device="cuda").half()
+    norm_w = torch.rand(d, device="cuda").half() + 0.5
+    h1, h2 = torch.empty(2, 2 * inter, device="cuda").half(), torch.empty(2, d, device="cuda").half()
+
+    def chain(sync: bool):
+        normed, _ = fused.add_rms_norm(x, residual, norm_w, 1e-5)
+        steps = [lambda: w4a16_cuda.w4a16_mma_linear(normed, w1, out=h1),
+                 lambda: w4a16_cuda.w4a16_mma_linear(fused.silu_mul(h1), w2, out=h2)]
+        for step in steps:
+            if sync:
+                torch.cuda.synchronize()
+            step()
+        return argmax_rows(h2.float())
+
+    expected_tokens = chain(sync=True)
+    expected = h2.clone()
+    chain(sync=False)  # warm-up on the capture's stream
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        h1.fill_(float("nan"))
+        h2.fill_(float("nan"))
+        tokens = chain(sync=False)
+    for _ in range(20):
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(h2, expected) and torch.equal(tokens, expected_tokens)

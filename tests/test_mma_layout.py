@@ -82,7 +82,20 @@ def test_scales_and_zeros_pack_by_tile_group_and_fragment_row():
             word = int(packed[row // 16, q, row % 8, (row % 16) // 8]) & 0xFFFFFFFF
             low = torch.tensor([word & 0xFFFF], dtype=torch.int32).to(torch.int16).view(torch.float16)
             high = torch.tensor([word >> 16], dtype=torch.int32).to(torch.int16).view(torch.float16)
-            assert low.item() == scales[row, q].item() and high.item() == zeros[row, q].item() + 1024
+            zero_term = zeros[row, q].item() + 1024 if row % 16 < 8 else -(zeros[row, q].item() + 64)
+            assert low.item() == scales[row, q].item() and high.item() == zero_term
+
+
+def test_the_kernels_dequantization_arithmetic_is_exact_in_fp16():
+    """unpack_a: rows g take (1024 + q) - (1024 + z); rows g + 8 take (1024 + 16 q) * 1/16 + -(64 + z)
+    in one fp16 FMA. Every step is exact in fp16, so both give q - z for all nibbles and zeros."""
+    q = torch.arange(16, dtype=torch.float64).view(16, 1)
+    z = torch.arange(16, dtype=torch.float64).view(1, 16)
+    half = lambda t: t.half().double()  # noqa: E731 - rounding to fp16, as the kernel's registers hold it
+    first = half(half(1024 + q) - half(1024 + z))
+    second = half(half(1024 + 16 * q) * half(torch.tensor(1 / 16)) + half(-(64 + z)))  # fma: one rounding
+    assert torch.equal(half(1024 + q), 1024 + q) and torch.equal(half(1024 + 16 * q), 1024 + 16 * q)
+    assert torch.equal(first, q - z) and torch.equal(second, q - z)
 
 
 def test_shapes_the_kernel_does_not_take_are_refused_or_routed_elsewhere():

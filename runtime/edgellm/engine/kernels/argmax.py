@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from edgellm.engine.kernels import pdl
+
 try:
     import triton
     import triton.language as tl
@@ -33,17 +35,20 @@ def argmax_rows(logits: torch.Tensor) -> torch.Tensor:
     part_val = torch.empty(rows, blocks, dtype=torch.float32, device=logits.device)
     part_idx = torch.empty(rows, blocks, dtype=torch.int64, device=logits.device)
     out = torch.empty(rows, dtype=torch.int64, device=logits.device)
+    early = pdl.triton_options(logits.device)
     if rows:
         _block_argmax_kernel[(rows, blocks)](logits, part_val, part_idx, vocab, logits.stride(0), blocks,
-                                             BLOCK=BLOCK, num_warps=8)
-        _pick_kernel[(rows,)](part_val, part_idx, out, blocks, BLOCKS=triton.next_power_of_2(blocks), num_warps=1)
+                                             BLOCK=BLOCK, num_warps=8, **early)
+        _pick_kernel[(rows,)](part_val, part_idx, out, blocks, BLOCKS=triton.next_power_of_2(blocks), num_warps=1,
+                              **early)
     return out
 
 
 if triton is not None:
 
     @triton.jit
-    def _block_argmax_kernel(x_ptr, val_ptr, idx_ptr, V, stride_row, n_blocks, BLOCK: tl.constexpr):
+    def _block_argmax_kernel(x_ptr, val_ptr, idx_ptr, V, stride_row, n_blocks, BLOCK: tl.constexpr, PDL: tl.constexpr):
+        pdl.start(PDL)
         row = tl.program_id(0).to(tl.int64)
         blk = tl.program_id(1)
         cols = blk * BLOCK + tl.arange(0, BLOCK)
@@ -53,7 +58,8 @@ if triton is not None:
         tl.store(idx_ptr + row * n_blocks + blk, (blk * BLOCK + where).to(tl.int64))
 
     @triton.jit
-    def _pick_kernel(val_ptr, idx_ptr, out_ptr, n_blocks, BLOCKS: tl.constexpr):
+    def _pick_kernel(val_ptr, idx_ptr, out_ptr, n_blocks, BLOCKS: tl.constexpr, PDL: tl.constexpr):
+        pdl.start(PDL)
         row = tl.program_id(0).to(tl.int64)
         r = tl.arange(0, BLOCKS)
         vals = tl.load(val_ptr + row * n_blocks + r, mask=r < n_blocks, other=float("-inf"))

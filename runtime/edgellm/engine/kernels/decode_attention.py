@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from edgellm.engine.kernels import sm_count
+from edgellm.engine.kernels import pdl, sm_count
 
 try:
     import triton
@@ -91,17 +91,18 @@ def decode_attention(
         part_o = torch.empty(b, hq, n_chunks, d, dtype=torch.float32, device=q.device)
         part_ml = torch.empty(b, hq, n_chunks, 2, dtype=torch.float32, device=q.device)
     sk = k_cache.stride()
+    early = pdl.triton_options(q.device)
     _attn_chunk_kernel[(b * hkv, n_chunks)](
         q, k_cache, v_cache, slot_ids, seq_lens, out, part_o, part_ml,
         q.stride(0), q.stride(1), sk[0], sk[1], sk[2],
         out.stride(0), out.stride(1), scale * 1.4426950408889634,
         HKV=hkv, GROUP=group, D=d, BLOCK_G=block_g, BLOCK_S=block_s, CHUNK=chunk,
-        N_CHUNKS=n_chunks, SINGLE=single, num_warps=4, num_stages=3,
+        N_CHUNKS=n_chunks, SINGLE=single, num_warps=4, num_stages=3, **early,
     )
     if not single:
         _attn_merge_kernel[(b * hq,)](
             part_o, part_ml, seq_lens, out, hq, out.stride(0), out.stride(1),
-            D=d, CHUNK=chunk, N_CHUNKS=n_chunks, BLOCK_C=triton.next_power_of_2(n_chunks), num_warps=4,
+            D=d, CHUNK=chunk, N_CHUNKS=n_chunks, BLOCK_C=triton.next_power_of_2(n_chunks), num_warps=4, **early,
         )
     return out
 
@@ -115,7 +116,9 @@ if triton is not None:
         stride_ob, stride_oh, qk_scale,
         HKV: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, BLOCK_G: tl.constexpr,
         BLOCK_S: tl.constexpr, CHUNK: tl.constexpr, N_CHUNKS: tl.constexpr, SINGLE: tl.constexpr,
+        PDL: tl.constexpr,
     ):
+        pdl.start(PDL)
         pid = tl.program_id(0)
         c = tl.program_id(1)
         b = pid // HKV
@@ -172,7 +175,9 @@ if triton is not None:
     def _attn_merge_kernel(
         part_o_ptr, part_ml_ptr, len_ptr, out_ptr, HQ, stride_ob, stride_oh,
         D: tl.constexpr, CHUNK: tl.constexpr, N_CHUNKS: tl.constexpr, BLOCK_C: tl.constexpr,
+        PDL: tl.constexpr,
     ):
+        pdl.start(PDL)
         pid = tl.program_id(0)
         b = pid // HQ
         h = pid % HQ

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import torch
 
+from edgellm.engine.kernels import pdl
 from edgellm.engine.kernels.decode_attention import decode_attention  # noqa: F401 (re-exported for the model)
 
 try:
@@ -60,6 +61,7 @@ def add_rms_norm(
         _add_rms_norm_kernel[(rows,)](
             x2, x2 if residual is None else r2, weight, normed, total, d, eps,
             HAS_RESIDUAL=residual is not None, BLOCK=block, num_warps=min(16, max(1, block // 256)),
+            **pdl.triton_options(x.device),
         )
     return normed.view(shape), total.view(shape)
 
@@ -98,7 +100,7 @@ def rope_and_write_kv(
         _rope_kv_kernel[(tokens, num_heads + num_kv_heads)](
             qkv, positions, slots, cos, sin, q, k_cache, v_cache,
             per_row, qkv.stride(0), cos.stride(0), sk[0], sk[1], sk[2],
-            HQ=num_heads, HKV=num_kv_heads, HALF=head_dim // 2, num_warps=1,
+            HQ=num_heads, HKV=num_kv_heads, HALF=head_dim // 2, num_warps=1, **pdl.triton_options(qkv.device),
         )
     return q
 
@@ -115,7 +117,7 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     if g2.shape[0]:
         block = 1024
         _silu_mul_kernel[(g2.shape[0], triton.cdiv(inter, block))](
-            g2, out, inter, g2.stride(0), BLOCK=block, num_warps=4,
+            g2, out, inter, g2.stride(0), BLOCK=block, num_warps=4, **pdl.triton_options(g2.device),
         )
     return out.view(*shape[:-1], inter)
 
@@ -124,7 +126,8 @@ if triton is not None:
 
     @triton.jit
     def _add_rms_norm_kernel(x_ptr, r_ptr, w_ptr, normed_ptr, total_ptr, D, eps,
-                             HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
+                             HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+        pdl.start(PDL)
         row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK)
         mask = cols < D
@@ -142,7 +145,8 @@ if triton is not None:
     @triton.jit
     def _rope_kv_kernel(qkv_ptr, pos_ptr, slot_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr, v_ptr,
                         tokens_per_row, stride_t, stride_cos, stride_kslot, stride_kh, stride_ks,
-                        HQ: tl.constexpr, HKV: tl.constexpr, HALF: tl.constexpr):
+                        HQ: tl.constexpr, HKV: tl.constexpr, HALF: tl.constexpr, PDL: tl.constexpr):
+        pdl.start(PDL)
         t = tl.program_id(0).to(tl.int64)
         h = tl.program_id(1)
         rd = tl.arange(0, HALF)
@@ -170,7 +174,8 @@ if triton is not None:
             tl.store(v_ptr + off + HALF + rd, tl.load(v_src + HALF + rd))
 
     @triton.jit
-    def _silu_mul_kernel(gu_ptr, out_ptr, I, stride_row, BLOCK: tl.constexpr):
+    def _silu_mul_kernel(gu_ptr, out_ptr, I, stride_row, BLOCK: tl.constexpr, PDL: tl.constexpr):
+        pdl.start(PDL)
         row = tl.program_id(0).to(tl.int64)
         cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         mask = cols < I

@@ -23,8 +23,9 @@ holds in its A fragment, so no data moves between lanes or through shared memory
 `to_mma_layout` builds it from the engine's int4-rowpacked-v1 weights once at load (on the
 GPU, milliseconds); the engine file format stays as it is. The nibble 1024 + q comes out
 of one LOP3 as an fp16 (the "magic number" trick); minus (1024 + zero) it is q - zero
-exactly. Each 64-wide chunk lies in one quantization group, so the scale multiplies the
-chunk's fp32 partial sums, not every weight.
+exactly (a nibble at bits 4..7 gives 1024 + 16 q: times 1/16, minus 64 + zero, one HFMA2).
+Each 64-wide chunk lies in one quantization group, so the scale multiplies the chunk's
+fp32 partial sums, not every weight.
 
 A block computes one 16-row tile of the output; its warps split K and meet in shared
 memory (no atomics, no workspace, deterministic, CUDA-graph capturable). The source is
@@ -43,7 +44,7 @@ from pathlib import Path
 
 import torch
 
-from edgellm.engine.kernels import sm_count
+from edgellm.engine.kernels import pdl, sm_count
 
 SOURCE = r"""
 typedef unsigned int u32;
@@ -77,17 +78,22 @@ __device__ __forceinline__ void mma_16816(float (&d)[4], const u32 (&a)[4], u32 
                  : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
-// A fragment (q - zero, exact in fp16) of one packed word; za for row g, zb for row g + 8,
-// each 1024 + zero in both halves.
+__device__ __forceinline__ u32 hfma2(u32 a, u32 b, u32 c) { u32 d; asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c)); return d; }
+
+// A fragment (q - zero, exact in fp16) of one packed word; za (row g) holds 1024 + zero,
+// zb (row g + 8) -(64 + zero), both halves. A nibble ORed into the mantissa of fp16 1024
+// gives 1024 + q at bits 0..3 and 1024 + 16 q at bits 4..7: minus 1024 + zero, or times
+// 1/16 minus 64 + zero, both are q - zero exactly. One shift serves two fragments.
 __device__ __forceinline__ void unpack_a(u32 word, u32 za, u32 zb, u32 (&a)[4]) {
-    const u32 magic = 0x64006400u;  // fp16 1024 in both halves: 1024 + q for a nibble q
+    const u32 magic = 0x64006400u, sixteenth = 0x2C002C00u;  // fp16 1024 and 1/16 in both halves
+    const u32 high = word >> 8;
     a[0] = hsub2((word & 0x000F000Fu) | magic, za);
-    a[1] = hsub2(((word >> 4) & 0x000F000Fu) | magic, zb);
-    a[2] = hsub2(((word >> 8) & 0x000F000Fu) | magic, za);
-    a[3] = hsub2(((word >> 12) & 0x000F000Fu) | magic, zb);
+    a[1] = hfma2((word & 0x00F000F0u) | magic, sixteenth, zb);
+    a[2] = hsub2((high & 0x000F000Fu) | magic, za);
+    a[3] = hfma2((high & 0x00F000F0u) | magic, sixteenth, zb);
 }
 
-// Scale (fp32) and 1024 + zero (fp16, both halves) of rows g and g + 8 from a packed pair.
+// Scales (fp32) and zero terms (fp16, both halves: see unpack_a) of rows g and g + 8.
 struct ScaleZero { float sa, sb; u32 za, zb; };
 __device__ __forceinline__ ScaleZero unpack_sz(uint2 v) {
     ScaleZero r;
@@ -98,6 +104,187 @@ __device__ __forceinline__ ScaleZero unpack_sz(uint2 v) {
     return r;
 }
 
+// Shared-memory address of a generic pointer into shared memory (for cp.async).
+__device__ __forceinline__ u32 smem_address(const void* p) {
+    u32 a; asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p)); return a;
+}
+// Asynchronous copies global -> shared: they need no registers while in flight, so a warp
+// keeps many chunks of weights on the way (the kernel is bound by memory latency otherwise).
+// Weights are read once (.cg: past L1); the scale pairs are shared by the lanes of a row (.ca).
+__device__ __forceinline__ void copy_async16(void* dst, const void* src) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" :: "r"(smem_address(dst)), "l"(src) : "memory");
+}
+__device__ __forceinline__ void copy_async8(void* dst, const void* src) {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 8;" :: "r"(smem_address(dst)), "l"(src) : "memory");
+}
+// x is written by the previous kernel and read by every block: bring a chunk's line of it
+// into L1 ahead of use, so the loads at the arithmetic hit L1 instead of waiting on L2.
+__device__ __forceinline__ void prefetch_l1(const void* p) { asm volatile("prefetch.global.L1 [%0];" :: "l"(p)); }
+__device__ __forceinline__ void copy_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+template <int PENDING>
+__device__ __forceinline__ void copy_async_wait() { asm volatile("cp.async.wait_group %0;" :: "n"(PENDING) : "memory"); }
+
+// Programmatic dependent launch (SM 9.0+; no-ops before): wait until the previous kernel's
+// results are visible; then let the next kernel in the stream start (after the wait, so
+// that at most one kernel runs ahead: a chain of early starts would hold SMs idle).
+__device__ __forceinline__ void let_next_kernel_start() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void wait_for_previous_kernel() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+// out[m, n] = sum_k x[m, k] * (q[n, k] - zero[n, k / G]) * scale[n, k / G] (+ bias[n]) for
+// M <= 8 * MB rows of x. Block: the 16 output features of tile blockIdx.x; its warps take
+// equal runs of the K / 64 chunks. G = 1 << gshift, a multiple of 64 dividing K.
+// Within a chunk, MMA step j's fragment column kk stands for k = 16 t' + 4 j + 2 h + e
+// (kk = 2 t' + 8 h + e), so lane 4 g + t finds all its B fragments of the chunk in the 16
+// consecutive x values 64 c + 16 t .. + 15: two 16-byte loads (the weights are laid out to match).
+// Each warp streams its chunks through a private ring of STAGES slots in shared memory
+// (a lane copies its own 16 bytes of weights and 8 bytes of scale/zero per chunk, and reads
+// back only those: no barrier), STAGES - 1 chunks ahead of the arithmetic; x rows are
+// prefetched into L1 as far ahead. The first chunks are requested before waiting for the
+// previous kernel: weights never depend on it.
+template <int MB, int STAGES>
+__device__ __forceinline__ void w4a16_mma(
+    const u16* __restrict__ x, long long stride_xm, int M, const uint4* __restrict__ qw,
+    const uint2* __restrict__ sz, const u16* __restrict__ bias,
+    u16* __restrict__ out, long long stride_om, int N, int K, int gshift, unsigned char* smem)
+{
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, warps = blockDim.x >> 5;
+    const int g = lane >> 2, t = lane & 3;
+    const int tile = blockIdx.x;
+    const int chunks = K >> 6;
+    const int c_begin = (chunks * warp) / warps, n_chunks = (chunks * (warp + 1)) / warps - c_begin;
+    const int ng = K >> gshift;
+    const uint4* wp = qw + ((long long)tile * chunks + c_begin) * 32 + lane;  // chunk c_begin + i at wp[32 i]
+    const uint2* szp = sz + (long long)tile * ng * 8 + g;                     // group q at szp[8 q]
+    const int chunk_to_group = gshift - 6;                                    // chunk c lies in group c >> this
+    uint4* ring_w = reinterpret_cast<uint4*>(smem) + warp * STAGES * 32 + lane;  // slot s at ring_w[32 s]
+    uint2* ring_sz = reinterpret_cast<uint2*>(smem + warps * STAGES * 512) + warp * STAGES * 32 + lane;
+    float* red = reinterpret_cast<float*>(smem + warps * STAGES * 768);
+    auto request = [&](int i, int slot) {  // chunk c_begin + i into its slot, i % STAGES
+        copy_async16(ring_w + 32 * slot, wp + 32 * i);
+        copy_async8(ring_sz + 32 * slot, szp + 8 * ((c_begin + i) >> chunk_to_group));
+    };
+#pragma unroll
+    for (int i = 0; i < STAGES - 1; ++i) {
+        if (i < n_chunks) request(i, i);
+        copy_async_commit();  // one group per chunk, empty ones included: the wait counts groups
+    }
+    wait_for_previous_kernel();  // x and out belong to the kernels around this one
+    let_next_kernel_start();
+
+    const uint4* xr[MB];  // x[g + 8 mb][64 c_begin + 16 t ..] as 16-byte vectors; rows past M read as zero
+    bool x_ok[MB];
+#pragma unroll
+    for (int mb = 0; mb < MB; ++mb) {
+        const int m = g + 8 * mb;
+        x_ok[mb] = m < M;
+        xr[mb] = reinterpret_cast<const uint4*>(x + (long long)min(m, M - 1) * stride_xm + 64 * c_begin + 16 * t);
+    }
+    const bool x_prefetcher = t == 0;  // lanes 4 g .. 4 g + 3 read one 128-byte line of x row g per chunk
+    auto prefetch_x = [&](int i) {
+#pragma unroll
+        for (int mb = 0; mb < MB; ++mb)
+            if (x_prefetcher && x_ok[mb]) prefetch_l1(xr[mb] + 8 * i);
+    };
+    for (int i = 0; i < STAGES - 1 && i < n_chunks; ++i) prefetch_x(i);
+    float acc[MB][4];
+#pragma unroll
+    for (int mb = 0; mb < MB; ++mb)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) acc[mb][i] = 0.f;
+
+    // Unrolled by the ring's length, so that every slot offset is a constant.
+    for (int i0 = 0; i0 < n_chunks; i0 += STAGES) {
+#pragma unroll
+    for (int s = 0; s < STAGES; ++s) {
+        const int i = i0 + s;  // chunk c_begin + i, in slot s
+        if (i >= n_chunks) break;
+        if (i + STAGES - 1 < n_chunks) {
+            request(i + STAGES - 1, (s + STAGES - 1) % STAGES);  // into the slot read one chunk ago
+            prefetch_x(i + STAGES - 1);
+        }
+        copy_async_commit();
+        uint4 xv[MB][2];
+#pragma unroll
+        for (int mb = 0; mb < MB; ++mb) {
+            xv[mb][0] = x_ok[mb] ? load_cached(xr[mb] + 8 * i) : make_uint4(0, 0, 0, 0);
+            xv[mb][1] = x_ok[mb] ? load_cached(xr[mb] + 8 * i + 1) : make_uint4(0, 0, 0, 0);
+        }
+        copy_async_wait<STAGES - 1>();  // chunk i has landed
+        const uint4 w = ring_w[32 * s];
+        const ScaleZero q = unpack_sz(ring_sz[32 * s]);
+        float part[2][MB][4];  // even and odd steps: two MMA chains of two instead of one of four
+#pragma unroll
+        for (int e = 0; e < 2; ++e)
+#pragma unroll
+            for (int mb = 0; mb < MB; ++mb)
+#pragma unroll
+                for (int r = 0; r < 4; ++r) part[e][mb][r] = 0.f;
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            u32 a[4];
+            unpack_a(word_of(w, j), q.za, q.zb, a);
+#pragma unroll
+            for (int mb = 0; mb < MB; ++mb) {
+                const uint4& v = xv[mb][j >> 1];
+                mma_16816(part[j & 1][mb], a, (j & 1) ? v.z : v.x, (j & 1) ? v.w : v.y);
+            }
+        }
+#pragma unroll
+        for (int mb = 0; mb < MB; ++mb) {
+            acc[mb][0] += q.sa * (part[0][mb][0] + part[1][mb][0]);
+            acc[mb][1] += q.sa * (part[0][mb][1] + part[1][mb][1]);
+            acc[mb][2] += q.sb * (part[0][mb][2] + part[1][mb][2]);
+            acc[mb][3] += q.sb * (part[0][mb][3] + part[1][mb][3]);
+        }
+    }
+    }
+    if (warps > 1) {  // warp 0 sums the other warps' partial tiles
+        if (warp > 0) {
+#pragma unroll
+            for (int mb = 0; mb < MB; ++mb)
+#pragma unroll
+                for (int i = 0; i < 4; ++i) red[((warp - 1) * 4 * MB + 4 * mb + i) * 32 + lane] = acc[mb][i];
+        }
+        __syncthreads();
+        if (warp > 0) return;
+        for (int w = 1; w < warps; ++w)
+#pragma unroll
+            for (int mb = 0; mb < MB; ++mb)
+#pragma unroll
+                for (int i = 0; i < 4; ++i) acc[mb][i] += red[((w - 1) * 4 * MB + 4 * mb + i) * 32 + lane];
+    }
+    // C fragment: acc[mb][i] is output (row 16 tile + g + 8 (i / 2), x row 8 mb + 2 t + i % 2).
+#pragma unroll
+    for (int mb = 0; mb < MB; ++mb)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            const int row = tile * 16 + g + 8 * (i >> 1), m = 8 * mb + 2 * t + (i & 1);
+            if (row < N && m < M) {
+                float v = acc[mb][i];
+                if (bias != 0) v += half_to_float(load_half(bias + row));
+                out[m * stride_om + row] = float_to_half(v);
+            }
+        }
+}
+
+#define MMA_ENTRY(MB, STAGES)                                                                             \
+    extern "C" __global__ void __launch_bounds__(256) w4a16_mma_mb##MB##_s##STAGES(                       \
+        const u16* x, long long stride_xm, int M, const uint4* qw, const uint2* sz,                       \
+        const u16* bias, u16* out, long long stride_om, int N, int K, int gshift) {                       \
+        extern __shared__ __align__(16) unsigned char smem[];                                             \
+        w4a16_mma<MB, STAGES>(x, stride_xm, M, qw, sz, bias, out, stride_om, N, K, gshift, smem);         \
+    }
+MMA_ENTRY(1, 4) MMA_ENTRY(2, 4) MMA_ENTRY(1, 8) MMA_ENTRY(2, 8) MMA_ENTRY(1, 16) MMA_ENTRY(2, 16)
+
+// The previous kernel (registers only, UNROLL chunks per round), kept for one side-by-side measurement.
 // out[m, n] = sum_k x[m, k] * (q[n, k] - zero[n, k / G]) * scale[n, k / G] (+ bias[n]) for
 // M <= 8 * MB rows of x. Block: the 16 output features of tile blockIdx.x; its warps take
 // equal runs of the K / 64 chunks. G = 1 << gshift, a multiple of 64 dividing K.
@@ -105,7 +292,7 @@ __device__ __forceinline__ ScaleZero unpack_sz(uint2 v) {
 // (kk = 2 t' + 8 h + e), so lane 4 g + t finds all its B fragments of the chunk in the 16
 // consecutive x values 64 c + 16 t .. + 15: two 16-byte loads (the weights are laid out to match).
 template <int MB, int UNROLL>
-__device__ __forceinline__ void w4a16_mma(
+__device__ __forceinline__ void w4a16_regs(
     const u16* __restrict__ x, long long stride_xm, int M, const uint4* __restrict__ qw,
     const uint2* __restrict__ sz, const u16* __restrict__ bias,
     u16* __restrict__ out, long long stride_om, int N, int K, int gshift, float* red)
@@ -206,14 +393,14 @@ __device__ __forceinline__ void w4a16_mma(
         }
 }
 
-#define MMA_ENTRY(MB, UNROLL)                                                                             \
-    extern "C" __global__ void __launch_bounds__(256) w4a16_mma_mb##MB(                                   \
+#define REGS_ENTRY(MB, UNROLL)                                                                             \
+    extern "C" __global__ void __launch_bounds__(256) w4a16_regs_mb##MB(                                   \
         const u16* x, long long stride_xm, int M, const uint4* qw, const uint2* sz,                       \
         const u16* bias, u16* out, long long stride_om, int N, int K, int gshift) {                       \
         extern __shared__ float red[];                                                                    \
-        w4a16_mma<MB, UNROLL>(x, stride_xm, M, qw, sz, bias, out, stride_om, N, K, gshift, red);          \
+        w4a16_regs<MB, UNROLL>(x, stride_xm, M, qw, sz, bias, out, stride_om, N, K, gshift, red);          \
     }
-MMA_ENTRY(1, 4) MMA_ENTRY(2, 2)
+REGS_ENTRY(1, 4) REGS_ENTRY(2, 2)
 
 // The fp16 weight [N, K] from the mma layout, (q - zero) * scale rounded once (prefill
 // through cuBLAS). One thread per (tile, chunk, lane): it holds k = 64 c + 16 t .. + 15 of
@@ -257,6 +444,7 @@ extern "C" __global__ void __launch_bounds__(128) w4a16_mma_dequant(
 """
 
 BATCH_BLOCKS = (1, 2)  # MB: kernels for up to 8 and 16 rows of x
+RING_STAGES = (4, 8, 16)  # ring slots per warp
 MAX_ROWS = 8 * BATCH_BLOCKS[-1]
 SLICED_ROWS = 2 * MAX_ROWS  # up to this many rows run as slices; beyond, dequantize + cuBLAS
 
@@ -342,16 +530,43 @@ def _functions(device_index: int) -> dict[str, object]:
                       "cuDevicePrimaryCtxRetain")
         _ok(driver.cuCtxSetCurrent(context), "cuCtxSetCurrent")
     module = _ok(driver.cuModuleLoadData(compile_cubin(10 * major + minor)), "cuModuleLoadData")
-    names = [f"w4a16_mma_mb{mb}" for mb in BATCH_BLOCKS] + ["w4a16_mma_dequant"]
-    return {name: _ok(driver.cuModuleGetFunction(module, name.encode()), "cuModuleGetFunction") for name in names}
+    ring = [f"w4a16_mma_mb{mb}_s{s}" for mb in BATCH_BLOCKS for s in RING_STAGES]
+    names = ring + [f"w4a16_regs_mb{mb}" for mb in BATCH_BLOCKS] + ["w4a16_mma_dequant"]
+    functions = {name: _ok(driver.cuModuleGetFunction(module, name.encode()), "cuModuleGetFunction") for name in names}
+    # The rings take more than the 48 KB of shared memory a block gets without asking.
+    optin = _ok(driver.cuDeviceGetAttribute(
+        driver.CUdevice_attribute.CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN, device_index), "cuDeviceGetAttribute")
+    for name in ring:
+        _ok((driver.cuFuncSetAttribute(functions[name], driver.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                                       optin)[0], None), "cuFuncSetAttribute")
+    return functions
 
 
-def _launch(name: str, device: torch.device, grid: int, threads: int, shared: int, args: tuple, types: tuple) -> None:
+def _launch(name: str, device: torch.device, grid: int, threads: int, shared: int, args: tuple, types: tuple,
+            early_start: bool = False) -> None:
+    """early_start: launch with programmatic stream serialization (the kernel waits for the
+    previous one itself, after its independent prologue); SM 9.0+, see kernels/pdl.py."""
     driver, _ = _bindings()
     func = _functions(device.index if device.index is not None else torch.cuda.current_device())[name]
-    stream = driver.CUstream(torch.cuda.current_stream(device).cuda_stream)
-    (err,) = driver.cuLaunchKernel(func, grid, 1, 1, threads, 1, 1, shared, stream, (args, types), 0)
-    _ok((err, None), f"cuLaunchKernel({name})")
+    config = driver.CUlaunchConfig()
+    config.gridDimX, config.gridDimY, config.gridDimZ = grid, 1, 1
+    config.blockDimX, config.blockDimY, config.blockDimZ = threads, 1, 1
+    config.sharedMemBytes = shared
+    config.hStream = driver.CUstream(torch.cuda.current_stream(device).cuda_stream)
+    if early_start:
+        config.attrs = [_early_start_attribute()]
+        config.numAttrs = 1
+    (err,) = driver.cuLaunchKernelEx(config, func, (args, types), 0)
+    _ok((err, None), f"cuLaunchKernelEx({name})")
+
+
+@functools.cache
+def _early_start_attribute():
+    driver, _ = _bindings()
+    attribute = driver.CUlaunchAttribute()
+    attribute.id = driver.CUlaunchAttributeID.CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
+    attribute.value.programmaticStreamSerializationAllowed = 1
+    return attribute
 
 
 # ---- the layout ---------------------------------------------------------------------------
@@ -421,11 +636,14 @@ def from_mma_layout(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
 
 def pack_scales(scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
     """[N, K / G] fp16 scales and zeros -> int32 [tiles, K / G, 8, 2]: element (T, q, g, h) holds
-    the scale (low half) and 1024 + zero (high half) of row 16 T + g + 8 h, group q."""
+    the scale (low half) and the zero term (high half) of row 16 T + g + 8 h, group q: 1024 + zero
+    for h = 0, -(64 + zero) for h = 1 (what unpack_a subtracts; exact in fp16 for zeros 0..15)."""
     n, ng = scales.shape
     tiles = -(-n // 16)
+    second_half = (torch.arange(n, device=zeros.device) % 16 >= 8).unsqueeze(1)  # rows g + 8 of their tile
+    zero_term = torch.where(second_half, -(zeros.float() + 64), zeros.float() + 1024).half()
     s = scales.view(torch.int16).to(torch.int32) & 0xFFFF
-    z = (zeros.float() + 1024).half().view(torch.int16).to(torch.int32) << 16  # exact for zeros 0..15
+    z = zero_term.view(torch.int16).to(torch.int32) << 16
     both = s | z
     if tiles * 16 != n:
         both = torch.cat([both, both.new_zeros(tiles * 16 - n, ng)])
@@ -455,17 +673,34 @@ class MmaWeights:
 # ---- the linear -----------------------------------------------------------------------------
 
 
-def warps_per_tile(n: int, k: int, num_sms: int) -> int:
-    """Split K over up to 8 warps until ~16 warps per SM, keeping >= 4 chunks per warp."""
-    tiles, chunks = -(-n // 16), k // 64
-    warps = 1
-    while warps < 8 and tiles * warps < 16 * num_sms and chunks // (warps * 2) >= 4:
-        warps *= 2
-    return warps
+@dataclasses.dataclass(frozen=True)
+class MmaConfig:
+    """How one call runs: kernel "ring" (shared-memory ring of `stages` chunks per warp) or
+    "regs" (the previous kernel, for side-by-side measurement), `warps` per 16-row tile;
+    early_start None: programmatic dependent launch where pdl.enabled says so."""
+
+    kernel: str = "ring"
+    warps: int = 1
+    stages: int = 8
+    early_start: bool | None = None
+
+
+def pick_config(n: int, k: int, num_sms: int) -> MmaConfig:
+    """8 warps per tile (K split 8 ways) where K has >= 2 chunks per warp."""
+    warps = 8
+    while warps > 1 and k // 64 < 2 * warps:
+        warps //= 2
+    return MmaConfig("ring", warps, RING_STAGES[-1])
+
+
+def shared_bytes(config: MmaConfig, mb: int) -> int:
+    """Dynamic shared memory of one block: the warps' rings, then the cross-warp sums."""
+    ring = config.warps * config.stages * (512 + 256) if config.kernel == "ring" else 0
+    return ring + (config.warps - 1) * 4 * mb * 32 * 4
 
 
 def w4a16_mma_linear(x: torch.Tensor, w: MmaWeights, bias: torch.Tensor | None = None,
-                     out: torch.Tensor | None = None) -> torch.Tensor:
+                     out: torch.Tensor | None = None, config: MmaConfig | None = None) -> torch.Tensor:
     """x [M, K] fp16 @ dequant(W)^T (+ bias) -> [M, N] fp16. Up to 16 rows per launch, up to
     SLICED_ROWS as slices of 16; more rows dequantize to fp16 once and call cuBLAS."""
     m, k = x.shape
@@ -482,17 +717,20 @@ def w4a16_mma_linear(x: torch.Tensor, w: MmaWeights, bias: torch.Tensor | None =
         x = x.contiguous()  # x read as 16-byte vectors
     if bias is not None:
         bias = bias.contiguous()
-    warps = warps_per_tile(w.n, k, sm_count(x.device))
+    config = config or pick_config(w.n, k, sm_count(x.device))
     gshift = w.group_size.bit_length() - 1
+    early_start = config.kernel == "ring" and (pdl.enabled(x.device) if config.early_start is None else config.early_start)
     for m0 in range(0, m, MAX_ROWS):
         rows = min(MAX_ROWS, m - m0)
         mb = next(b for b in BATCH_BLOCKS if 8 * b >= rows)
         xs, outs = x[m0:m0 + rows], out[m0:m0 + rows]
-        _launch(f"w4a16_mma_mb{mb}", x.device, -(-w.n // 16), 32 * warps, (warps - 1) * 4 * mb * 32 * 4,
+        name = f"w4a16_mma_mb{mb}_s{config.stages}" if config.kernel == "ring" else f"w4a16_regs_mb{mb}"
+        _launch(name, x.device, -(-w.n // 16), 32 * config.warps, shared_bytes(config, mb),
                 (xs.data_ptr(), xs.stride(0), rows, w.qweight.data_ptr(), w.scale_zero.data_ptr(),
                  0 if bias is None else bias.data_ptr(), outs.data_ptr(), outs.stride(0), w.n, k, gshift),
                 (ctypes.c_void_p, ctypes.c_longlong, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
-                 ctypes.c_void_p, ctypes.c_void_p, ctypes.c_longlong, ctypes.c_int, ctypes.c_int, ctypes.c_int))
+                 ctypes.c_void_p, ctypes.c_void_p, ctypes.c_longlong, ctypes.c_int, ctypes.c_int, ctypes.c_int),
+                early_start)
     return out
 
 
