@@ -5,7 +5,7 @@
 #   profile     where a batch-1 decode step's time goes, 8B and 1B shapes (bench/profile_step.py)
 #   kernels     W4A16 kernel table (engine path beside the Triton fallback and cuBLAS) + decode attention
 #   sweep       the same + the Triton candidate configurations (bench/kernels.py --sweep, decode shapes)
-#   sweep-mma   the tensor-core kernel's configurations (ring depth, K split, early start) on every shape, M=1,8
+#   sweep-mma   the tensor-core kernel's K splits, with and without early start, on every shape, M=1,8
 #   startup     what a fresh process spends on `import torch` and on creating the CUDA context
 #   decode      bench/decode.py: both shapes, vs transformers eager and static cache + compile
 #               (transformers at batches $HF_BATCHES, default 1,4)

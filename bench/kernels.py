@@ -152,15 +152,12 @@ def bench_mma(m, n, k, g, copies, gen, cfg=None):
 
 
 def mma_candidates(n: int, k: int, sms: int):
-    """Tensor-core kernel configurations (--sweep-mma): the previous register-only kernel,
-    the ring kernel at each ring depth and K split, and the chosen one without early start."""
+    """Tensor-core kernel configurations (--sweep-mma): each K split, and the chosen one
+    without early start (programmatic dependent launch)."""
     C = w4a16_cuda.MmaConfig
     chosen = w4a16_cuda.pick_config(n, k, sms)
-    out = [C("regs", chosen.warps), dataclasses.replace(chosen, early_start=False)]
-    for stages in w4a16_cuda.RING_STAGES:
-        for warps in (4, 8):
-            if k // 64 >= 2 * warps:
-                out.append(C("ring", warps, stages))
+    out = [dataclasses.replace(chosen, early_start=False)]
+    out += [C(warps) for warps in (1, 2, 4, 8) if k // 64 >= 2 * warps]
     return list(dict.fromkeys(out))
 
 
@@ -195,16 +192,16 @@ def bench_attention(gen, bw):
 
 def ncu_target(which: str, g: int, sms: int) -> None:
     """A few launches of one kernel for ncu: "gemv1" / "mma8" (Triton, 8B gate_up), or
-    KERNEL:SHAPE:M for the tensor-core kernel (e.g. "ring:8B down:1", "regs:8B gate_up:1")."""
+    mma:SHAPE:M for the tensor-core kernel (e.g. "mma:8B down:1")."""
     if ":" in which:
-        kernel, shape, m = which.split(":")
+        _, shape, m = which.split(":")
         n, k = next((n, k) for name, n, k in SHAPES if name == shape)
         m = int(m)
         gen = torch.Generator(device="cuda").manual_seed(0)
         (qw, s, z), = random_weights(n, k, g, 1, gen)
         w = w4a16_cuda.MmaWeights.from_rowpacked(qw, s, z, g)
         x = torch.randn(m, k, device="cuda", generator=gen).half()
-        cfg = dataclasses.replace(w4a16_cuda.pick_config(n, k, sms), kernel=kernel)
+        cfg = w4a16_cuda.pick_config(n, k, sms)
         print(which, cfg)
         for _ in range(5):
             w4a16_cuda.w4a16_mma_linear(x, w, config=cfg)
@@ -230,10 +227,10 @@ def main() -> None:
     ap.add_argument("--sweep-shapes", default=",".join(SWEEP_SHAPES), help="shapes to sweep (names as in SHAPES)")
     ap.add_argument("--sweep-m", default="1,2,3,4,8", help="M values to sweep")
     ap.add_argument("--sweep-kinds", default="", help="only these Triton kernel kinds in the sweep (e.g. gemv,mma)")
-    ap.add_argument("--sweep-mma", action="store_true", help="time the tensor-core kernel's configurations "
+    ap.add_argument("--sweep-mma", action="store_true", help="time the tensor-core kernel's K splits "
                     "on the sweep shapes and M values")
     ap.add_argument("--no-prefill", action="store_true")
-    ap.add_argument("--ncu-target", help="only run one kernel a few times (for ncu): gemv1, mma8 or KERNEL:SHAPE:M")
+    ap.add_argument("--ncu-target", help="only run one kernel a few times (for ncu): gemv1, mma8 or mma:SHAPE:M")
     args = ap.parse_args()
     g = args.group_size
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -279,8 +276,7 @@ def main() -> None:
                 for cand in mma_candidates(n, k, sms):
                     t = bench_mma(m, n, k, g, mma_copies, gen, cand)
                     result["sweep"].append(dict(shape=name, N=n, K=k, M=m, config=cand.__dict__, us=t))
-                    print(f"  sweep {name} M={m} {cand.kernel} "
-                          f"warps{cand.warps} stages{cand.stages} early_start {cand.early_start}: {t:.1f} us "
+                    print(f"  sweep {name} M={m} warps {cand.warps} early start {cand.early_start}: {t:.1f} us "
                           f"{100 * w4_bytes(m, n, k, g) / t / 1e3 / bw:5.1f}% bw", flush=True)
             t_triton = bench_w4a16(m, n, k, g, copies, cfg, gen)
             t = bench_mma(m, n, k, g, mma_copies, gen) if mma_ok else t_triton

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # ncu on the tensor-core W4A16 kernel (one launch each), on the device machine; reports under $OUT.
-# e.g. OUT=out bash bench/ncu_w4a16.sh "ring:8B down:1" "regs:8B down:1"
+# e.g. OUT=out bash bench/ncu_w4a16.sh "mma:8B down:1" "mma:8B gate_up:1"
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=$PWD/runtime EDGELLM_KERNEL_CACHE=/tmp/edgellm-kernel-cache/edgellm

@@ -377,17 +377,16 @@ def test_mma_kernel_replays_in_a_cuda_graph():
 
 
 def _mma_configs():
-    from edgellm.engine.kernels.w4a16_cuda import RING_STAGES, MmaConfig
+    from edgellm.engine.kernels.w4a16_cuda import MmaConfig
 
-    ring = [MmaConfig("ring", w, s, early) for s in RING_STAGES for w in (1, 2, 4, 8) for early in (False, True)]
-    return ring + [MmaConfig("regs", w) for w in (1, 2, 4, 8)]
+    return [MmaConfig(w, early) for w in (1, 2, 4, 8) for early in (False, True)]
 
 
 @pytest.mark.parametrize("config", _mma_configs(), ids=str)
 @pytest.mark.parametrize("n,k,m", [(1000, 4096, 1), (2048, 8192, 9), (48, 512, 16)])
 def test_mma_kernel_configurations(config, n, k, m):
-    """Every ring depth and K split (chunks per warp from 1 to 128, some warps with fewer
-    chunks than ring slots), with and without early start, and the register-only kernel."""
+    """Every K split (chunks per warp from 1 to 128, some warps with fewer chunks than ring
+    slots), with and without early start."""
     w4a16_cuda = _mma_or_skip()
     qw = _weights(n, k, 128)
     packed = w4a16_cuda.MmaWeights.from_rowpacked(qw.qweight, qw.scales, qw.zeros, 128)

@@ -28,7 +28,11 @@ Each 64-wide chunk lies in one quantization group, so the scale multiplies the c
 fp32 partial sums, not every weight.
 
 A block computes one 16-row tile of the output; its warps split K and meet in shared
-memory (no atomics, no workspace, deterministic, CUDA-graph capturable). The source is
+memory (no atomics, no workspace, deterministic, CUDA-graph capturable). Each warp streams
+its chunks through a ring of RING_STAGES slots in shared memory with cp.async, so the
+weight loads in flight cost no registers; on SM 9.0+ the kernel is launched to start early
+(programmatic dependent launch, kernels/pdl.py): it requests its first chunks while the
+previous kernel finishes, and waits for that kernel before it reads x. The source is
 header-free (PTX for the fp16 arithmetic), so NVRTC needs no CUDA include directory, and
 no GPU: `compile_cubin` can run on a build host for an engine's target SM.
 """
@@ -276,131 +280,14 @@ __device__ __forceinline__ void w4a16_mma(
 }
 
 #define MMA_ENTRY(MB, STAGES)                                                                             \
-    extern "C" __global__ void __launch_bounds__(256) w4a16_mma_mb##MB##_s##STAGES(                       \
+    extern "C" __global__ void __launch_bounds__(256) w4a16_mma_mb##MB(                                   \
         const u16* x, long long stride_xm, int M, const uint4* qw, const uint2* sz,                       \
         const u16* bias, u16* out, long long stride_om, int N, int K, int gshift) {                       \
         extern __shared__ __align__(16) unsigned char smem[];                                             \
         w4a16_mma<MB, STAGES>(x, stride_xm, M, qw, sz, bias, out, stride_om, N, K, gshift, smem);         \
     }
-MMA_ENTRY(1, 4) MMA_ENTRY(2, 4) MMA_ENTRY(1, 8) MMA_ENTRY(2, 8) MMA_ENTRY(1, 16) MMA_ENTRY(2, 16)
+MMA_ENTRY(1, RING_STAGES) MMA_ENTRY(2, RING_STAGES)  // RING_STAGES: defined by compile_cubin
 
-// The previous kernel (registers only, UNROLL chunks per round), kept for one side-by-side measurement.
-// out[m, n] = sum_k x[m, k] * (q[n, k] - zero[n, k / G]) * scale[n, k / G] (+ bias[n]) for
-// M <= 8 * MB rows of x. Block: the 16 output features of tile blockIdx.x; its warps take
-// equal runs of the K / 64 chunks. G = 1 << gshift, a multiple of 64 dividing K.
-// Within a chunk, MMA step j's fragment column kk stands for k = 16 t' + 4 j + 2 h + e
-// (kk = 2 t' + 8 h + e), so lane 4 g + t finds all its B fragments of the chunk in the 16
-// consecutive x values 64 c + 16 t .. + 15: two 16-byte loads (the weights are laid out to match).
-template <int MB, int UNROLL>
-__device__ __forceinline__ void w4a16_regs(
-    const u16* __restrict__ x, long long stride_xm, int M, const uint4* __restrict__ qw,
-    const uint2* __restrict__ sz, const u16* __restrict__ bias,
-    u16* __restrict__ out, long long stride_om, int N, int K, int gshift, float* red)
-{
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, warps = blockDim.x >> 5;
-    const int g = lane >> 2, t = lane & 3;
-    const int tile = blockIdx.x;
-    const int chunks = K >> 6;
-    const int c_begin = (chunks * warp) / warps, c_end = (chunks * (warp + 1)) / warps;
-    const int ng = K >> gshift;
-    const uint4* wp = qw + (long long)tile * chunks * 32 + lane;  // chunk c at wp[32 c]
-    const uint2* szp = sz + (long long)tile * ng * 8 + g;        // group q at szp[8 q]
-    const uint4* xr[MB];  // x[g + 8 mb][16 t ..] as 16-byte vectors; rows past M read as zero
-    bool x_ok[MB];
-#pragma unroll
-    for (int mb = 0; mb < MB; ++mb) {
-        const int m = g + 8 * mb;
-        x_ok[mb] = m < M;
-        xr[mb] = reinterpret_cast<const uint4*>(x + (long long)min(m, M - 1) * stride_xm + 16 * t);
-    }
-    float acc[MB][4];
-#pragma unroll
-    for (int mb = 0; mb < MB; ++mb)
-#pragma unroll
-        for (int i = 0; i < 4; ++i) acc[mb][i] = 0.f;
-
-    for (int c0 = c_begin; c0 < c_end; c0 += UNROLL) {
-        // Every load of the step in flight before any arithmetic: weights, scales, x.
-        uint4 w[UNROLL], xv[UNROLL][MB][2];
-        uint2 szv[UNROLL];
-#pragma unroll
-        for (int u = 0; u < UNROLL; ++u) {
-            const int c = c0 + u;
-            const bool ok = c < c_end;
-            w[u] = ok ? load_stream(wp + 32 * c) : make_uint4(0, 0, 0, 0);
-            szv[u] = ok ? load_pair(szp + 8 * ((c << 6) >> gshift)) : make_uint2(0, 0);
-#pragma unroll
-            for (int mb = 0; mb < MB; ++mb) {
-                xv[u][mb][0] = ok && x_ok[mb] ? load_cached(xr[mb] + 8 * c) : make_uint4(0, 0, 0, 0);
-                xv[u][mb][1] = ok && x_ok[mb] ? load_cached(xr[mb] + 8 * c + 1) : make_uint4(0, 0, 0, 0);
-            }
-        }
-#pragma unroll
-        for (int u = 0; u < UNROLL; ++u) {
-            if (c0 + u < c_end) {  // the same for the whole warp: mma.sync sees all lanes
-                const ScaleZero q = unpack_sz(szv[u]);
-                float part[MB][4];
-#pragma unroll
-                for (int mb = 0; mb < MB; ++mb)
-#pragma unroll
-                    for (int i = 0; i < 4; ++i) part[mb][i] = 0.f;
-#pragma unroll
-                for (int j = 0; j < 4; ++j) {
-                    u32 a[4];
-                    unpack_a(word_of(w[u], j), q.za, q.zb, a);
-#pragma unroll
-                    for (int mb = 0; mb < MB; ++mb) {
-                        const uint4& v = xv[u][mb][j >> 1];
-                        mma_16816(part[mb], a, (j & 1) ? v.z : v.x, (j & 1) ? v.w : v.y);
-                    }
-                }
-#pragma unroll
-                for (int mb = 0; mb < MB; ++mb) {
-                    acc[mb][0] += q.sa * part[mb][0];
-                    acc[mb][1] += q.sa * part[mb][1];
-                    acc[mb][2] += q.sb * part[mb][2];
-                    acc[mb][3] += q.sb * part[mb][3];
-                }
-            }
-        }
-    }
-    if (warps > 1) {  // warp 0 sums the other warps' partial tiles
-        if (warp > 0) {
-#pragma unroll
-            for (int mb = 0; mb < MB; ++mb)
-#pragma unroll
-                for (int i = 0; i < 4; ++i) red[((warp - 1) * 4 * MB + 4 * mb + i) * 32 + lane] = acc[mb][i];
-        }
-        __syncthreads();
-        if (warp > 0) return;
-        for (int w = 1; w < warps; ++w)
-#pragma unroll
-            for (int mb = 0; mb < MB; ++mb)
-#pragma unroll
-                for (int i = 0; i < 4; ++i) acc[mb][i] += red[((w - 1) * 4 * MB + 4 * mb + i) * 32 + lane];
-    }
-    // C fragment: acc[mb][i] is output (row 16 tile + g + 8 (i / 2), x row 8 mb + 2 t + i % 2).
-#pragma unroll
-    for (int mb = 0; mb < MB; ++mb)
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-            const int row = tile * 16 + g + 8 * (i >> 1), m = 8 * mb + 2 * t + (i & 1);
-            if (row < N && m < M) {
-                float v = acc[mb][i];
-                if (bias != 0) v += half_to_float(load_half(bias + row));
-                out[m * stride_om + row] = float_to_half(v);
-            }
-        }
-}
-
-#define REGS_ENTRY(MB, UNROLL)                                                                             \
-    extern "C" __global__ void __launch_bounds__(256) w4a16_regs_mb##MB(                                   \
-        const u16* x, long long stride_xm, int M, const uint4* qw, const uint2* sz,                       \
-        const u16* bias, u16* out, long long stride_om, int N, int K, int gshift) {                       \
-        extern __shared__ float red[];                                                                    \
-        w4a16_regs<MB, UNROLL>(x, stride_xm, M, qw, sz, bias, out, stride_om, N, K, gshift, red);          \
-    }
-REGS_ENTRY(1, 4) REGS_ENTRY(2, 2)
 
 // The fp16 weight [N, K] from the mma layout, (q - zero) * scale rounded once (prefill
 // through cuBLAS). One thread per (tile, chunk, lane): it holds k = 64 c + 16 t .. + 15 of
@@ -444,7 +331,7 @@ extern "C" __global__ void __launch_bounds__(128) w4a16_mma_dequant(
 """
 
 BATCH_BLOCKS = (1, 2)  # MB: kernels for up to 8 and 16 rows of x
-RING_STAGES = (4, 8, 16)  # ring slots per warp
+RING_STAGES = 4  # ring slots per warp (8 and 16 measured no faster, and cost occupancy: docs/dev/kernels-notes.md)
 MAX_ROWS = 8 * BATCH_BLOCKS[-1]
 SLICED_ROWS = 2 * MAX_ROWS  # up to this many rows run as slices; beyond, dequantize + cuBLAS
 
@@ -496,12 +383,13 @@ def cache_dir() -> Path:
 def compile_cubin(sm: int) -> bytes:
     """The kernels as a cubin for SM `sm` (e.g. 90), compiled once and cached on disk.
     Needs NVRTC, not a GPU."""
-    key = hashlib.sha256(SOURCE.encode() + f"sm_{sm}".encode()).hexdigest()[:16]
+    source = f"#define RING_STAGES {RING_STAGES}\n{SOURCE}"
+    key = hashlib.sha256(source.encode() + f"sm_{sm}".encode()).hexdigest()[:16]
     path = cache_dir() / f"w4a16-mma-sm{sm}-{key}.cubin"
     if path.is_file():
         return path.read_bytes()
     _, nvrtc = _bindings()
-    prog = _ok(nvrtc.nvrtcCreateProgram(SOURCE.encode(), b"w4a16_mma.cu", 0, [], []), "nvrtcCreateProgram")
+    prog = _ok(nvrtc.nvrtcCreateProgram(source.encode(), b"w4a16_mma.cu", 0, [], []), "nvrtcCreateProgram")
     options = [f"--gpu-architecture=sm_{sm}".encode(), b"--std=c++17"]
     (err,) = nvrtc.nvrtcCompileProgram(prog, len(options), options)
     if int(err) != 0:
@@ -530,8 +418,8 @@ def _functions(device_index: int) -> dict[str, object]:
                       "cuDevicePrimaryCtxRetain")
         _ok(driver.cuCtxSetCurrent(context), "cuCtxSetCurrent")
     module = _ok(driver.cuModuleLoadData(compile_cubin(10 * major + minor)), "cuModuleLoadData")
-    ring = [f"w4a16_mma_mb{mb}_s{s}" for mb in BATCH_BLOCKS for s in RING_STAGES]
-    names = ring + [f"w4a16_regs_mb{mb}" for mb in BATCH_BLOCKS] + ["w4a16_mma_dequant"]
+    ring = [f"w4a16_mma_mb{mb}" for mb in BATCH_BLOCKS]
+    names = ring + ["w4a16_mma_dequant"]
     functions = {name: _ok(driver.cuModuleGetFunction(module, name.encode()), "cuModuleGetFunction") for name in names}
     # The rings take more than the 48 KB of shared memory a block gets without asking.
     optin = _ok(driver.cuDeviceGetAttribute(
@@ -548,25 +436,27 @@ def _launch(name: str, device: torch.device, grid: int, threads: int, shared: in
     previous one itself, after its independent prologue); SM 9.0+, see kernels/pdl.py."""
     driver, _ = _bindings()
     func = _functions(device.index if device.index is not None else torch.cuda.current_device())[name]
-    config = driver.CUlaunchConfig()
-    config.gridDimX, config.gridDimY, config.gridDimZ = grid, 1, 1
-    config.blockDimX, config.blockDimY, config.blockDimZ = threads, 1, 1
-    config.sharedMemBytes = shared
-    config.hStream = driver.CUstream(torch.cuda.current_stream(device).cuda_stream)
-    if early_start:
-        config.attrs = [_early_start_attribute()]
-        config.numAttrs = 1
+    config = _launch_config(grid, threads, shared, torch.cuda.current_stream(device).cuda_stream, early_start)
     (err,) = driver.cuLaunchKernelEx(config, func, (args, types), 0)
     _ok((err, None), f"cuLaunchKernelEx({name})")
 
 
-@functools.cache
-def _early_start_attribute():
+@functools.lru_cache(maxsize=1024)
+def _launch_config(grid: int, threads: int, shared: int, stream: int, early_start: bool):
+    """One launch configuration per shape and stream, built once (an engine has a few dozen)."""
     driver, _ = _bindings()
-    attribute = driver.CUlaunchAttribute()
-    attribute.id = driver.CUlaunchAttributeID.CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
-    attribute.value.programmaticStreamSerializationAllowed = 1
-    return attribute
+    config = driver.CUlaunchConfig()
+    config.gridDimX, config.gridDimY, config.gridDimZ = grid, 1, 1
+    config.blockDimX, config.blockDimY, config.blockDimZ = threads, 1, 1
+    config.sharedMemBytes = shared
+    config.hStream = driver.CUstream(stream)
+    if early_start:
+        attribute = driver.CUlaunchAttribute()
+        attribute.id = driver.CUlaunchAttributeID.CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
+        attribute.value.programmaticStreamSerializationAllowed = 1
+        config.attrs = [attribute]
+        config.numAttrs = 1
+    return config
 
 
 # ---- the layout ---------------------------------------------------------------------------
@@ -675,28 +565,26 @@ class MmaWeights:
 
 @dataclasses.dataclass(frozen=True)
 class MmaConfig:
-    """How one call runs: kernel "ring" (shared-memory ring of `stages` chunks per warp) or
-    "regs" (the previous kernel, for side-by-side measurement), `warps` per 16-row tile;
-    early_start None: programmatic dependent launch where pdl.enabled says so."""
+    """How one call runs: `warps` per 16-row tile (K split that many ways); early_start None:
+    programmatic dependent launch where pdl.enabled says so."""
 
-    kernel: str = "ring"
-    warps: int = 1
-    stages: int = 8
+    warps: int = 8
     early_start: bool | None = None
 
 
 def pick_config(n: int, k: int, num_sms: int) -> MmaConfig:
-    """8 warps per tile (K split 8 ways) where K has >= 2 chunks per warp."""
+    """8 warps per tile where K has >= 2 chunks per warp: the most warps per SM (their rings
+    keep the loads in flight) for the fewest cross-warp sums. Measured against 1, 2 and 4
+    in docs/dev/kernels-notes.md; N and the SM count did not change the choice."""
     warps = 8
     while warps > 1 and k // 64 < 2 * warps:
         warps //= 2
-    return MmaConfig("ring", warps, RING_STAGES[-1])
+    return MmaConfig(warps)
 
 
 def shared_bytes(config: MmaConfig, mb: int) -> int:
     """Dynamic shared memory of one block: the warps' rings, then the cross-warp sums."""
-    ring = config.warps * config.stages * (512 + 256) if config.kernel == "ring" else 0
-    return ring + (config.warps - 1) * 4 * mb * 32 * 4
+    return config.warps * RING_STAGES * (512 + 256) + (config.warps - 1) * 4 * mb * 32 * 4
 
 
 def w4a16_mma_linear(x: torch.Tensor, w: MmaWeights, bias: torch.Tensor | None = None,
@@ -719,13 +607,12 @@ def w4a16_mma_linear(x: torch.Tensor, w: MmaWeights, bias: torch.Tensor | None =
         bias = bias.contiguous()
     config = config or pick_config(w.n, k, sm_count(x.device))
     gshift = w.group_size.bit_length() - 1
-    early_start = config.kernel == "ring" and (pdl.enabled(x.device) if config.early_start is None else config.early_start)
+    early_start = pdl.enabled(x.device) if config.early_start is None else config.early_start
     for m0 in range(0, m, MAX_ROWS):
         rows = min(MAX_ROWS, m - m0)
         mb = next(b for b in BATCH_BLOCKS if 8 * b >= rows)
         xs, outs = x[m0:m0 + rows], out[m0:m0 + rows]
-        name = f"w4a16_mma_mb{mb}_s{config.stages}" if config.kernel == "ring" else f"w4a16_regs_mb{mb}"
-        _launch(name, x.device, -(-w.n // 16), 32 * config.warps, shared_bytes(config, mb),
+        _launch(f"w4a16_mma_mb{mb}", x.device, -(-w.n // 16), 32 * config.warps, shared_bytes(config, mb),
                 (xs.data_ptr(), xs.stride(0), rows, w.qweight.data_ptr(), w.scale_zero.data_ptr(),
                  0 if bias is None else bias.data_ptr(), outs.data_ptr(), outs.stride(0), w.n, k, gshift),
                 (ctypes.c_void_p, ctypes.c_longlong, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
