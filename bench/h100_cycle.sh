@@ -9,7 +9,7 @@
 #   startup     what a fresh process spends on `import torch` and on creating the CUDA context
 #   decode      bench/decode.py: both shapes, vs transformers eager and static cache + compile
 #               (transformers at batches $HF_BATCHES, default 1,4)
-#   decode-ours bench/decode.py without transformers (quicker)
+#   decode-ours bench/decode.py without transformers (quicker; DECODE_SHAPES=llama-3.1-8b for one shape)
 #   decode-no-pdl  the same with programmatic dependent launch off (EDGELLM_PDL=0), under $OUT/no-pdl
 #   serve-load  the daemon on a 1B-shape INT4 engine under bench/load.py, 5 min
 # e.g. bash bench/h100_cycle.sh tests profile decode-ours
@@ -58,7 +58,8 @@ for step in "$@"; do
         timeout 480 python3 bench/decode.py --out "$OUT" --hf-batches "${HF_BATCHES:-1,4}" 2>&1 | tee "$OUT/decode.txt" | tail -30
         ;;
     decode-ours)
-        timeout 300 python3 bench/decode.py --out "$OUT" --skip-hf 2>&1 | tee "$OUT/decode.txt" | tail -30
+        timeout 300 python3 bench/decode.py --out "$OUT" --skip-hf ${DECODE_SHAPES:+--shapes "$DECODE_SHAPES"} 2>&1 \
+            | tee "$OUT/decode.txt" | tail -30
         ;;
     decode-no-pdl)
         mkdir -p "$OUT/no-pdl"

@@ -30,7 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "runtime"))
 
 from edgellm.engine.kernels import decode_attention as attn  # noqa: E402
-from edgellm.engine.kernels import w4a16, w4a16_cuda  # noqa: E402
+from edgellm.engine.kernels import pdl, w4a16, w4a16_cuda  # noqa: E402
 
 # (name, N, K): Llama-3.2-1B and Llama-3.1-8B projections (qkv and gate|up fused)
 SHAPES = [
@@ -51,18 +51,20 @@ L2_BYTES = 50 * 2**20
 
 
 def graph_time_us(calls, reps: int = 20) -> float:
-    """Median time of one call: a CUDA graph runs `calls` (a list of thunks) back to back."""
+    """Median time of one call: a CUDA graph runs `calls` (a list of thunks) back to back,
+    launched as the engine's decode graphs launch them (early start where enabled)."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for c in calls[: min(3, len(calls))]:
-            c()
-    torch.cuda.current_stream().wait_stream(stream)
-    torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for c in calls:
-            c()
+    with pdl.early_starts():  # launched as in the engine's decode graphs
+        with torch.cuda.stream(stream):
+            for c in calls[: min(3, len(calls))]:
+                c()
+        torch.cuda.current_stream().wait_stream(stream)
+        torch.cuda.synchronize()
+        with torch.cuda.graph(graph):
+            for c in calls:
+                c()
     graph.replay()
     torch.cuda.synchronize()
     times = []

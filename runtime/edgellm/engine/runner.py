@@ -213,6 +213,12 @@ class Engine:
 
     @torch.inference_mode()
     def _capture_decode_graphs(self) -> None:
+        from edgellm.engine.kernels import pdl
+
+        with pdl.early_starts():  # decode graphs: each kernel may start while the previous one ends
+            self._capture_decode_graphs_now()
+
+    def _capture_decode_graphs_now(self) -> None:
         dev = self.device
         n = self.max_batch
         self._static_inputs = torch.zeros(3, n, dtype=torch.long, device=dev)

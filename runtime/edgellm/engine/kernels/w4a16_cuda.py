@@ -566,7 +566,7 @@ class MmaWeights:
 @dataclasses.dataclass(frozen=True)
 class MmaConfig:
     """How one call runs: `warps` per 16-row tile (K split that many ways); early_start None:
-    programmatic dependent launch where pdl.enabled says so."""
+    programmatic dependent launch where pdl.active says so (graph capture)."""
 
     warps: int = 8
     early_start: bool | None = None
@@ -607,7 +607,7 @@ def w4a16_mma_linear(x: torch.Tensor, w: MmaWeights, bias: torch.Tensor | None =
         bias = bias.contiguous()
     config = config or pick_config(w.n, k, sm_count(x.device))
     gshift = w.group_size.bit_length() - 1
-    early_start = pdl.enabled(x.device) if config.early_start is None else config.early_start
+    early_start = pdl.active(x.device) if config.early_start is None else config.early_start
     for m0 in range(0, m, MAX_ROWS):
         rows = min(MAX_ROWS, m - m0)
         mb = next(b for b in BATCH_BLOCKS if 8 * b >= rows)
