@@ -12,8 +12,9 @@ signals the next kernel only after its own wait: signalling earlier lets a whole
 kernels start, each holding SMs while it waits for the one before.
 
 Only launches inside `early_starts()` start early: the runner wraps its decode-graph
-warm-up and capture in it. Eager launches (prefill) do not: on the H100, with early start
-everywhere, a 512-token TTFT measured 51 ms against 34 ms without it (docs/dev/kernels-notes.md).
+warm-up and capture in it, where kernels run back to back with no host in between. Eager
+launches (prefill) are separated by the host's launch time anyway, and early start there
+was not shown to help (docs/dev/kernels-notes.md has the TTFT runs).
 
 EDGELLM_PDL=0 turns it off (for measuring it).
 """
