@@ -8,7 +8,8 @@ turns 8 nibbles into the A operand (4 LOP3 + 4 HSUB2), whatever the batch up to 
 (up to 16 with a second MMA on the same operand).
 
 The layout ("mma" below) puts in each lane's 32-bit word exactly the 8 weights that lane
-holds in its A fragment, so no data moves between lanes or through shared memory:
+holds in its A fragment, so no data moves between lanes (each lane's shared-memory ring slot
+holds only what that lane copied):
 
     word (tile T, chunk c, lane l = 4 g + t, step j) holds, for the 16 x 16 block
     A[r][kk] = W[16 T + r][64 c + k(j, kk)], k(j, 2 t' + 8 h + e) = 16 t' + 4 j + 2 h + e
@@ -59,18 +60,9 @@ __device__ __forceinline__ u32 hmul2(u32 a, u32 b) { u32 d; asm("mul.rn.f16x2 %0
 __device__ __forceinline__ float half_to_float(u16 h) { float f; asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h)); return f; }
 __device__ __forceinline__ u16 float_to_half(float f) { u16 h; asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f)); return h; }
 __device__ __forceinline__ u16 load_half(const u16* p) { u16 h; asm("ld.global.nc.u16 %0, [%1];" : "=h"(h) : "l"(p)); return h; }
-__device__ __forceinline__ uint2 load_pair(const uint2* p) {
-    uint2 v; asm("ld.global.nc.v2.u32 {%0, %1}, [%2];" : "=r"(v.x), "=r"(v.y) : "l"(p)); return v;
-}
 __device__ __forceinline__ uint4 load_cached(const uint4* p) {
     uint4 v;
     asm("ld.global.nc.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
-    return v;
-}
-// Weights are read once: stream them past L1 (x, scales and zeros stay cached there).
-__device__ __forceinline__ uint4 load_stream(const uint4* p) {
-    uint4 v;
-    asm("ld.global.cs.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
     return v;
 }
 __device__ __forceinline__ u32 word_of(const uint4& v, int j) { return j == 0 ? v.x : j == 1 ? v.y : j == 2 ? v.z : v.w; }
