@@ -3,9 +3,11 @@
 # Name one or more steps; they run in the order given:
 #   tests       GPU tests (kernels, engines vs transformers, INT4 CUDA vs CPU, weights loader, doctor)
 #   profile     where a batch-1 decode step's time goes, 8B and 1B shapes (bench/profile_step.py)
+#   profile-prefill  the same for an 8B 512-token prefill, each run's time printed (TTFT spread)
+#   profile-startup  where a 1B process start to warm goes: imports and load + warm-up (bench/profile_startup.py)
 #   kernels     W4A16 kernel table (engine path beside the Triton fallback and cuBLAS) + decode attention
 #   sweep       the same + the Triton candidate configurations (bench/kernels.py --sweep, decode shapes)
-#   sweep-mma   the tensor-core kernel's K splits, with and without early start, on every shape, M=1,8
+#   sweep-mma   the tensor-core kernel's K splits and ring depths, early start on and off, every shape, M=1,8
 #   startup     what a fresh process spends on `import torch` and on creating the CUDA context
 #   decode      bench/decode.py: both shapes, vs transformers eager and static cache + compile
 #               (transformers at batches $HF_BATCHES, default 1,4)
@@ -20,7 +22,7 @@ export PYTHONPATH=$PWD/runtime:$PWD/tests PYTHONUNBUFFERED=1 TRITON_CACHE_DIR=/t
     EDGELLM_KERNEL_CACHE=/tmp/edgellm-kernel-cache/edgellm
 OUT=${OUT:-out}
 mkdir -p "$OUT"
-[ $# -gt 0 ] || { sed -n 2,16p "$0" >&2; exit 2; }
+[ $# -gt 0 ] || { sed -n 2,18p "$0" >&2; exit 2; }
 for step in "$@"; do
     echo "=== $step ($(date +%T))"
     case $step in
@@ -35,6 +37,13 @@ for step in "$@"; do
             timeout 150 python3 bench/profile_step.py --shape $shape --batch 1 --out "$OUT/profile-$shape.json" 2>&1 \
                 | grep -v Warning | tee -a "$OUT/profile.txt" | head -14
         done
+        ;;
+    profile-prefill)
+        timeout 200 python3 bench/profile_step.py --shape llama-3.1-8b --prefill 512 --out "$OUT/profile-prefill.json" 2>&1 \
+            | grep -v Warning | tee "$OUT/profile-prefill.txt" | head -20
+        ;;
+    profile-startup)
+        timeout 200 python3 bench/profile_startup.py --shape llama-3.2-1b --out "$OUT/profile-startup.txt" 2>&1 | head -45
         ;;
     kernels)
         timeout 240 python3 bench/kernels.py --out "$OUT/kernels.json" 2>&1 | tee "$OUT/kernels.txt" | tail -16
@@ -79,6 +88,6 @@ PY
             | tee "$OUT/load-gpu.txt" | tail -40
         ;;
     *)
-        echo "unknown step $step" >&2; sed -n 2,16p "$0" >&2; exit 2 ;;
+        echo "unknown step $step" >&2; sed -n 2,18p "$0" >&2; exit 2 ;;
     esac
 done

@@ -154,12 +154,12 @@ def bench_mma(m, n, k, g, copies, gen, cfg=None):
 
 
 def mma_candidates(n: int, k: int, sms: int):
-    """Tensor-core kernel configurations (--sweep-mma): each K split, and the chosen one
-    without early start (programmatic dependent launch)."""
+    """Tensor-core kernel configurations (--sweep-mma): the chosen one with and without early
+    start (programmatic dependent launch), then each K split and ring depth."""
     C = w4a16_cuda.MmaConfig
     chosen = w4a16_cuda.pick_config(n, k, sms)
-    out = [dataclasses.replace(chosen, early_start=False)]
-    out += [C(warps) for warps in (1, 2, 4, 8) if k // 64 >= 2 * warps]
+    out = [chosen, dataclasses.replace(chosen, early_start=False)]
+    out += [C(warps, stages) for warps in (2, 4, 8) for stages in w4a16_cuda.RING_STAGES if k // 128 >= 2 * warps]
     return list(dict.fromkeys(out))
 
 
@@ -229,7 +229,7 @@ def main() -> None:
     ap.add_argument("--sweep-shapes", default=",".join(SWEEP_SHAPES), help="shapes to sweep (names as in SHAPES)")
     ap.add_argument("--sweep-m", default="1,2,3,4,8", help="M values to sweep")
     ap.add_argument("--sweep-kinds", default="", help="only these Triton kernel kinds in the sweep (e.g. gemv,mma)")
-    ap.add_argument("--sweep-mma", action="store_true", help="time the tensor-core kernel's K splits "
+    ap.add_argument("--sweep-mma", action="store_true", help="time the tensor-core kernel's K splits and ring depths "
                     "on the sweep shapes and M values")
     ap.add_argument("--no-prefill", action="store_true")
     ap.add_argument("--ncu-target", help="only run one kernel a few times (for ncu): gemv1, mma8 or mma:SHAPE:M")
@@ -278,7 +278,7 @@ def main() -> None:
                 for cand in mma_candidates(n, k, sms):
                     t = bench_mma(m, n, k, g, mma_copies, gen, cand)
                     result["sweep"].append(dict(shape=name, N=n, K=k, M=m, config=cand.__dict__, us=t))
-                    print(f"  sweep {name} M={m} warps {cand.warps} early start {cand.early_start}: {t:.1f} us "
+                    print(f"  sweep {name} M={m} warps {cand.warps} stages {cand.stages} early start {cand.early_start}: {t:.1f} us "
                           f"{100 * w4_bytes(m, n, k, g) / t / 1e3 / bw:5.1f}% bw", flush=True)
             t_triton = bench_w4a16(m, n, k, g, copies, cfg, gen)
             t = bench_mma(m, n, k, g, mma_copies, gen) if mma_ok else t_triton

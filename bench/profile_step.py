@@ -1,7 +1,9 @@
 """Where one decode step's time goes: GPU time per kernel (torch.profiler) beside the
-CUDA-graph step time, on a random INT4 engine at a published shape.
+CUDA-graph step time, on a random INT4 engine at a published shape. With --prefill N, the
+same for the prefill of an N-token prompt (each run's time is printed: its spread too).
 
     python3 bench/profile_step.py --shape llama-3.1-8b --batch 1 --out profile.json
+    python3 bench/profile_step.py --shape llama-3.1-8b --prefill 512 --out profile-prefill.json
 
 The profiled steps run eagerly (the same kernels the graph replays, launched one by one),
 so each kernel's own GPU time is exact; the graph step time minus the sum of kernel times
@@ -34,6 +36,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shape", default="llama-3.1-8b")
     ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--prefill", type=int, default=0, help="profile the prefill of a prompt of this many tokens")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
 
@@ -48,6 +51,8 @@ def main() -> int:
                         target_sms=[sm], device="cuda")
     engine = Engine.load(work / "engine", device="cuda")
     engine.warm_up()
+    if args.prefill:
+        return profile_prefill(engine, args)
     b = args.batch
     slots, tokens, positions = list(range(b)), [5] * b, [CONTEXT] * b
     for slot in slots:
@@ -73,15 +78,7 @@ def main() -> int:
         torch.cuda.synchronize()
     engine._graphs = graphs
 
-    per_kernel: dict[str, list[float]] = collections.defaultdict(list)
-    for event in prof.events():
-        if event.device_type == torch.autograd.DeviceType.CUDA:
-            per_kernel[event.name].append(event.time_range.elapsed_us())
-    rows = []
-    for name, times in per_kernel.items():
-        rows.append({"kernel": name, "calls_per_step": len(times) / STEPS, "us_per_step": sum(times) / STEPS,
-                     "us_per_call": statistics.median(times)})
-    rows.sort(key=lambda r: -r["us_per_step"])
+    rows = kernel_table(prof, STEPS)
     kernel_ms = sum(r["us_per_step"] for r in rows) / 1e3
     launches = sum(r["calls_per_step"] for r in rows)
     result = {"shape": args.shape, "batch": b, "graph_step_ms": graph_ms, "kernel_sum_ms": kernel_ms,
@@ -89,10 +86,50 @@ def main() -> int:
     args.out.write_text(json.dumps(result, indent=1))
     print(f"{args.shape} batch {b}: graph step {graph_ms:.3f} ms (argmax and token read-back included); "
           f"sum of kernel GPU times {kernel_ms:.3f} ms over {launches:.0f} kernels per step")
+    print_table(rows)
+    return 0
+
+
+def profile_prefill(engine, args) -> int:
+    """Wall time of each prefill run (synchronised), then GPU time per kernel over a few runs."""
+    prompt = [7 + i % 1000 for i in range(args.prefill)]
+
+    def run() -> float:
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        engine.prefill(0, prompt).argmax().item()
+        return (time.perf_counter() - t0) * 1e3
+
+    run()
+    runs = [run() for _ in range(15)]
+    print(f"{args.shape} prefill {args.prefill} tokens, ms per run: " + " ".join(f"{t:.1f}" for t in runs))
+    steps = 3
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            run()
+    rows = kernel_table(prof, steps)
+    kernel_ms = sum(r["us_per_step"] for r in rows) / 1e3
+    args.out.write_text(json.dumps({"shape": args.shape, "prefill_tokens": args.prefill, "runs_ms": runs,
+                                    "kernel_sum_ms": kernel_ms, "kernels": rows}, indent=1))
+    print(f"median {statistics.median(runs):.1f} ms; sum of kernel GPU times {kernel_ms:.1f} ms per prefill")
+    print_table(rows)
+    return 0
+
+
+def kernel_table(prof, steps: int) -> list[dict]:
+    per_kernel: dict[str, list[float]] = collections.defaultdict(list)
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            per_kernel[event.name].append(event.time_range.elapsed_us())
+    rows = [{"kernel": name, "calls_per_step": len(times) / steps, "us_per_step": sum(times) / steps,
+             "us_per_call": statistics.median(times)} for name, times in per_kernel.items()]
+    return sorted(rows, key=lambda r: -r["us_per_step"])
+
+
+def print_table(rows: list[dict]) -> None:
     print(f"{'us/step':>9} {'calls':>6} {'us/call':>8}  kernel")
     for r in rows[:25]:
         print(f"{r['us_per_step']:9.1f} {r['calls_per_step']:6.1f} {r['us_per_call']:8.2f}  {r['kernel'][:110]}")
-    return 0
 
 
 if __name__ == "__main__":

@@ -379,7 +379,7 @@ def test_mma_kernel_replays_in_a_cuda_graph():
 def _mma_configs():
     from edgellm.engine.kernels.w4a16_cuda import MmaConfig
 
-    return [MmaConfig(w, early) for w in (1, 2, 4, 8) for early in (False, True)]
+    return [MmaConfig(w, stages, early) for w in (1, 2, 4, 8) for stages in (4, 8) for early in (False, True)]
 
 
 @pytest.mark.parametrize("config", _mma_configs(), ids=str)

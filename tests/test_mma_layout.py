@@ -103,4 +103,5 @@ def test_shapes_the_kernel_does_not_take_are_refused_or_routed_elsewhere():
         w4a16_cuda.to_mma_layout(torch.zeros(16, 4, dtype=torch.int32))  # K = 32
     assert not w4a16_cuda.supports(4096, 32)  # a 64-wide chunk would span two groups
     assert not w4a16_cuda.supports(1536, 96)  # not a power of two
+    assert not w4a16_cuda.supports(192, 64)  # the kernel steps over pairs of 64-wide chunks
     assert w4a16_cuda.supports(4096, 128) and w4a16_cuda.supports(256, 256)

@@ -80,13 +80,16 @@ __device__ __forceinline__ u32 hfma2(u32 a, u32 b, u32 c) { u32 d; asm("fma.rn.f
 // zb (row g + 8) -(64 + zero), both halves. A nibble ORed into the mantissa of fp16 1024
 // gives 1024 + q at bits 0..3 and 1024 + 16 q at bits 4..7: minus 1024 + zero, or times
 // 1/16 minus 64 + zero, both are q - zero exactly. One shift serves two fragments.
-__device__ __forceinline__ void unpack_a(u32 word, u32 za, u32 zb, u32 (&a)[4]) {
+// The nibble masks come in registers (NibbleMasks): as literals, ptxas rematerializes them
+// with one more instruction before nearly every use.
+struct NibbleMasks { u32 low, high; };  // 0x000F000F, 0x00F000F0
+__device__ __forceinline__ void unpack_a(u32 word, u32 za, u32 zb, NibbleMasks mask, u32 (&a)[4]) {
     const u32 magic = 0x64006400u, sixteenth = 0x2C002C00u;  // fp16 1024 and 1/16 in both halves
     const u32 high = word >> 8;
-    a[0] = hsub2((word & 0x000F000Fu) | magic, za);
-    a[1] = hfma2((word & 0x00F000F0u) | magic, sixteenth, zb);
-    a[2] = hsub2((high & 0x000F000Fu) | magic, za);
-    a[3] = hfma2((high & 0x00F000F0u) | magic, sixteenth, zb);
+    a[0] = hsub2((word & mask.low) | magic, za);
+    a[1] = hfma2((word & mask.high) | magic, sixteenth, zb);
+    a[2] = hsub2((high & mask.low) | magic, za);
+    a[3] = hfma2((high & mask.high) | magic, sixteenth, zb);
 }
 
 // Scales (fp32) and zero terms (fp16, both halves: see unpack_a) of rows g and g + 8.
@@ -136,110 +139,130 @@ __device__ __forceinline__ void wait_for_previous_kernel() {
 
 // out[m, n] = sum_k x[m, k] * (q[n, k] - zero[n, k / G]) * scale[n, k / G] (+ bias[n]) for
 // M <= 8 * MB rows of x. Block: the 16 output features of tile blockIdx.x; its warps take
-// equal runs of the K / 64 chunks. G = 1 << gshift, a multiple of 64 dividing K.
+// equal runs of the K / 128 chunk pairs (one step of the main loop: 1 KB of weights per warp,
+// so the fixed cost of a step, addresses, copies, waits and scaling, is paid once per 1 KB).
+// G = 1 << gshift, a power of two >= 64 dividing K. SPLIT_GROUP (G = 64): the two chunks of a
+// pair have scales of their own; otherwise one group holds the pair.
 // Within a chunk, MMA step j's fragment column kk stands for k = 16 t' + 4 j + 2 h + e
 // (kk = 2 t' + 8 h + e), so lane 4 g + t finds all its B fragments of the chunk in the 16
 // consecutive x values 64 c + 16 t .. + 15: two 16-byte loads (the weights are laid out to match).
-// Each warp streams its chunks through a private ring of STAGES slots in shared memory
-// (a lane copies its own 16 bytes of weights and 8 bytes of scale/zero per chunk, and reads
-// back only those: no barrier), STAGES - 1 chunks ahead of the arithmetic; x rows are
-// prefetched into L1 as far ahead. The first chunks are requested before waiting for the
+// Each warp streams its pairs through a private ring of STAGES slots in shared memory (a lane
+// copies its own 32 bytes of weights and 8 (SPLIT_GROUP: 16) of scale/zero per pair, and
+// reads back only those: no barrier), STAGES - 1 pairs ahead of the arithmetic; x lines are
+// prefetched into L1 as far ahead. The first pairs are requested before waiting for the
 // previous kernel: weights never depend on it.
-template <int MB, int STAGES>
+template <int MB, int STAGES, bool SPLIT_GROUP>
 __device__ __forceinline__ void w4a16_mma(
     const u16* __restrict__ x, long long stride_xm, int M, const uint4* __restrict__ qw,
     const uint2* __restrict__ sz, const u16* __restrict__ bias,
     u16* __restrict__ out, long long stride_om, int N, int K, int gshift, unsigned char* smem)
 {
+    constexpr int SZ = SPLIT_GROUP ? 2 : 1;  // scale/zero words per lane and pair
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, warps = blockDim.x >> 5;
     const int g = lane >> 2, t = lane & 3;
     const int tile = blockIdx.x;
-    const int chunks = K >> 6;
-    const int c_begin = (chunks * warp) / warps, n_chunks = (chunks * (warp + 1)) / warps - c_begin;
-    const int ng = K >> gshift;
-    const uint4* wp = qw + ((long long)tile * chunks + c_begin) * 32 + lane;  // chunk c_begin + i at wp[32 i]
-    const uint2* szp = sz + (long long)tile * ng * 8 + g;                     // group q at szp[8 q]
-    const int chunk_to_group = gshift - 6;                                    // chunk c lies in group c >> this
-    uint4* ring_w = reinterpret_cast<uint4*>(smem) + warp * STAGES * 32 + lane;  // slot s at ring_w[32 s]
-    uint2* ring_sz = reinterpret_cast<uint2*>(smem + warps * STAGES * 512) + warp * STAGES * 32 + lane;
-    float* red = reinterpret_cast<float*>(smem + warps * STAGES * 768);
-    auto request = [&](int i, int slot) {  // chunk c_begin + i into its slot, i % STAGES
-        copy_async16(ring_w + 32 * slot, wp + 32 * i);
-        copy_async8(ring_sz + 32 * slot, szp + 8 * ((c_begin + i) >> chunk_to_group));
+    const int pairs = K >> 7;
+    const int p_begin = (pairs * warp) / warps, n_pairs = (pairs * (warp + 1)) / warps - p_begin;
+    const uint4* wp = qw + ((long long)tile * 2 * pairs + 2 * p_begin) * 32 + lane;  // pair p_begin + i, chunk h at wp[64 i + 32 h]
+    const uint2* szp = sz + (long long)tile * (K >> gshift) * 8 + g;                // group q at szp[8 q]
+    const int pair_to_group = gshift - 7;                                           // (one group per pair) pair p lies in group p >> this
+    uint4* ring_w = reinterpret_cast<uint4*>(smem) + warp * STAGES * 64 + lane;    // slot s, chunk h at ring_w[64 s + 32 h]
+    uint2* ring_sz = reinterpret_cast<uint2*>(smem + warps * STAGES * 1024) + warp * STAGES * 32 * SZ + lane;  // ring_sz[32 (SZ s + h)]
+    float* red = reinterpret_cast<float*>(smem + warps * STAGES * (1024 + 256 * SZ));
+    auto request = [&](int i, int slot) {  // pair p_begin + i into its slot, i % STAGES
+        copy_async16(ring_w + 64 * slot, wp + 64 * i);
+        copy_async16(ring_w + 64 * slot + 32, wp + 64 * i + 32);
+        if (SPLIT_GROUP) {
+            copy_async8(ring_sz + 64 * slot, szp + 16 * (p_begin + i));
+            copy_async8(ring_sz + 64 * slot + 32, szp + 16 * (p_begin + i) + 8);
+        } else {
+            copy_async8(ring_sz + 32 * slot, szp + 8 * ((p_begin + i) >> pair_to_group));
+        }
     };
+    const u32 opaque_zero = (u32)(K >> 31);  // K > 0: the masks are their literals, unknown to the compiler
+    const NibbleMasks mask{0x000F000Fu + opaque_zero, 0x00F000F0u + opaque_zero};
 #pragma unroll
     for (int i = 0; i < STAGES - 1; ++i) {
-        if (i < n_chunks) request(i, i);
-        copy_async_commit();  // one group per chunk, empty ones included: the wait counts groups
+        if (i < n_pairs) request(i, i);
+        copy_async_commit();  // one group per pair, empty ones included: the wait counts groups
     }
     wait_for_previous_kernel();  // x and out belong to the kernels around this one
     let_next_kernel_start();
 
-    const uint4* xr[MB];  // x[g + 8 mb][64 c_begin + 16 t ..] as 16-byte vectors; rows past M read as zero
-    bool x_ok[MB];
+    // x[g + 8 mb][128 p_begin + 16 t ..] as 16-byte vectors: pair i, chunk h at xr[mb] + 16 i + 8 h.
+    // Rows past M read row M - 1 (their sums are never stored): no predicates in the loop.
+    const uint4* xr[MB];
+    const u16* x_line[MB];  // lanes 4 g and 4 g + 1 bring chunk t's 128-byte line of row g into L1
+    bool x_prefetcher[MB];
 #pragma unroll
     for (int mb = 0; mb < MB; ++mb) {
         const int m = g + 8 * mb;
-        x_ok[mb] = m < M;
-        xr[mb] = reinterpret_cast<const uint4*>(x + (long long)min(m, M - 1) * stride_xm + 64 * c_begin + 16 * t);
+        const u16* row = x + (long long)min(m, M - 1) * stride_xm + 128 * p_begin;
+        xr[mb] = reinterpret_cast<const uint4*>(row + 16 * t);
+        x_line[mb] = row + 64 * (t & 1);
+        x_prefetcher[mb] = t < 2 && m < M;
     }
-    const bool x_prefetcher = t == 0;  // lanes 4 g .. 4 g + 3 read one 128-byte line of x row g per chunk
     auto prefetch_x = [&](int i) {
 #pragma unroll
         for (int mb = 0; mb < MB; ++mb)
-            if (x_prefetcher && x_ok[mb]) prefetch_l1(xr[mb] + 8 * i);
+            if (x_prefetcher[mb]) prefetch_l1(x_line[mb] + 128 * i);
     };
-    for (int i = 0; i < STAGES - 1 && i < n_chunks; ++i) prefetch_x(i);
+    for (int i = 0; i < STAGES - 1 && i < n_pairs; ++i) prefetch_x(i);
     float acc[MB][4];
 #pragma unroll
     for (int mb = 0; mb < MB; ++mb)
 #pragma unroll
-        for (int i = 0; i < 4; ++i) acc[mb][i] = 0.f;
+        for (int r = 0; r < 4; ++r) acc[mb][r] = 0.f;
 
     // Unrolled by the ring's length, so that every slot offset is a constant.
-    for (int i0 = 0; i0 < n_chunks; i0 += STAGES) {
+    for (int i0 = 0; i0 < n_pairs; i0 += STAGES) {
 #pragma unroll
     for (int s = 0; s < STAGES; ++s) {
-        const int i = i0 + s;  // chunk c_begin + i, in slot s
-        if (i >= n_chunks) break;
-        if (i + STAGES - 1 < n_chunks) {
-            request(i + STAGES - 1, (s + STAGES - 1) % STAGES);  // into the slot read one chunk ago
+        const int i = i0 + s;  // pair p_begin + i, in slot s
+        if (i >= n_pairs) break;
+        if (i + STAGES - 1 < n_pairs) {
+            request(i + STAGES - 1, (s + STAGES - 1) % STAGES);  // into the slot read one pair ago
             prefetch_x(i + STAGES - 1);
         }
         copy_async_commit();
-        uint4 xv[MB][2];
+        uint4 xv[MB][4];  // chunk h, half e at xv[mb][2 h + e]
 #pragma unroll
-        for (int mb = 0; mb < MB; ++mb) {
-            xv[mb][0] = x_ok[mb] ? load_cached(xr[mb] + 8 * i) : make_uint4(0, 0, 0, 0);
-            xv[mb][1] = x_ok[mb] ? load_cached(xr[mb] + 8 * i + 1) : make_uint4(0, 0, 0, 0);
-        }
-        copy_async_wait<STAGES - 1>();  // chunk i has landed
-        const uint4 w = ring_w[32 * s];
-        const ScaleZero q = unpack_sz(ring_sz[32 * s]);
-        float part[2][MB][4];  // even and odd steps: two MMA chains of two instead of one of four
+        for (int mb = 0; mb < MB; ++mb)
 #pragma unroll
-        for (int e = 0; e < 2; ++e)
+            for (int v = 0; v < 4; ++v) xv[mb][v] = load_cached(xr[mb] + 16 * i + 8 * (v >> 1) + (v & 1));
+        copy_async_wait<STAGES - 1>();  // pair i has landed
+        const uint4 w[2] = {ring_w[64 * s], ring_w[64 * s + 32]};
+        const ScaleZero q0 = unpack_sz(ring_sz[32 * SZ * s]);
+        const ScaleZero q[2] = {q0, SPLIT_GROUP ? unpack_sz(ring_sz[32 * SZ * s + 32]) : q0};
+        float part[2][2][MB][4];  // [chunk][even, odd step]: four independent MMA chains of two
 #pragma unroll
-            for (int mb = 0; mb < MB; ++mb)
+        for (int h = 0; h < 2; ++h)
 #pragma unroll
-                for (int r = 0; r < 4; ++r) part[e][mb][r] = 0.f;
+            for (int e = 0; e < 2; ++e)
 #pragma unroll
-        for (int j = 0; j < 4; ++j) {
-            u32 a[4];
-            unpack_a(word_of(w, j), q.za, q.zb, a);
+                for (int mb = 0; mb < MB; ++mb)
 #pragma unroll
-            for (int mb = 0; mb < MB; ++mb) {
-                const uint4& v = xv[mb][j >> 1];
-                mma_16816(part[j & 1][mb], a, (j & 1) ? v.z : v.x, (j & 1) ? v.w : v.y);
+                    for (int r = 0; r < 4; ++r) part[h][e][mb][r] = 0.f;
+#pragma unroll
+        for (int h = 0; h < 2; ++h)
+#pragma unroll
+            for (int j = 0; j < 4; ++j) {
+                u32 a[4];
+                unpack_a(word_of(w[h], j), q[h].za, q[h].zb, mask, a);
+#pragma unroll
+                for (int mb = 0; mb < MB; ++mb) {
+                    const uint4& v = xv[mb][2 * h + (j >> 1)];
+                    mma_16816(part[h][j & 1][mb], a, (j & 1) ? v.z : v.x, (j & 1) ? v.w : v.y);
+                }
             }
-        }
 #pragma unroll
-        for (int mb = 0; mb < MB; ++mb) {
-            acc[mb][0] += q.sa * (part[0][mb][0] + part[1][mb][0]);
-            acc[mb][1] += q.sa * (part[0][mb][1] + part[1][mb][1]);
-            acc[mb][2] += q.sb * (part[0][mb][2] + part[1][mb][2]);
-            acc[mb][3] += q.sb * (part[0][mb][3] + part[1][mb][3]);
-        }
+        for (int mb = 0; mb < MB; ++mb)
+#pragma unroll
+            for (int r = 0; r < 4; ++r) {  // C fragment values 0, 1: row g; 2, 3: row g + 8
+                const float sum0 = part[0][0][mb][r] + part[0][1][mb][r], sum1 = part[1][0][mb][r] + part[1][1][mb][r];
+                const float s0 = r < 2 ? q[0].sa : q[0].sb, s1 = r < 2 ? q[1].sa : q[1].sb;
+                acc[mb][r] += SPLIT_GROUP ? s0 * sum0 + s1 * sum1 : s0 * (sum0 + sum1);
+            }
     }
     }
     if (warps > 1) {  // warp 0 sums the other warps' partial tiles
@@ -247,7 +270,7 @@ __device__ __forceinline__ void w4a16_mma(
 #pragma unroll
             for (int mb = 0; mb < MB; ++mb)
 #pragma unroll
-                for (int i = 0; i < 4; ++i) red[((warp - 1) * 4 * MB + 4 * mb + i) * 32 + lane] = acc[mb][i];
+                for (int r = 0; r < 4; ++r) red[((warp - 1) * 4 * MB + 4 * mb + r) * 32 + lane] = acc[mb][r];
         }
         __syncthreads();
         if (warp > 0) return;
@@ -255,30 +278,30 @@ __device__ __forceinline__ void w4a16_mma(
 #pragma unroll
             for (int mb = 0; mb < MB; ++mb)
 #pragma unroll
-                for (int i = 0; i < 4; ++i) acc[mb][i] += red[((w - 1) * 4 * MB + 4 * mb + i) * 32 + lane];
+                for (int r = 0; r < 4; ++r) acc[mb][r] += red[((w - 1) * 4 * MB + 4 * mb + r) * 32 + lane];
     }
-    // C fragment: acc[mb][i] is output (row 16 tile + g + 8 (i / 2), x row 8 mb + 2 t + i % 2).
+    // C fragment: acc[mb][r] is output (row 16 tile + g + 8 (r / 2), x row 8 mb + 2 t + r % 2).
 #pragma unroll
     for (int mb = 0; mb < MB; ++mb)
 #pragma unroll
-        for (int i = 0; i < 4; ++i) {
-            const int row = tile * 16 + g + 8 * (i >> 1), m = 8 * mb + 2 * t + (i & 1);
+        for (int r = 0; r < 4; ++r) {
+            const int row = tile * 16 + g + 8 * (r >> 1), m = 8 * mb + 2 * t + (r & 1);
             if (row < N && m < M) {
-                float v = acc[mb][i];
+                float v = acc[mb][r];
                 if (bias != 0) v += half_to_float(load_half(bias + row));
                 out[m * stride_om + row] = float_to_half(v);
             }
         }
 }
 
-#define MMA_ENTRY(MB, STAGES)                                                                             \
-    extern "C" __global__ void __launch_bounds__(256) w4a16_mma_mb##MB(                                   \
+#define MMA_ENTRY(NAME, MB, STAGES, SPLIT_GROUP, MIN_BLOCKS)                                              \
+    extern "C" __global__ void __launch_bounds__(256, MIN_BLOCKS) NAME(                                               \
         const u16* x, long long stride_xm, int M, const uint4* qw, const uint2* sz,                       \
         const u16* bias, u16* out, long long stride_om, int N, int K, int gshift) {                       \
         extern __shared__ __align__(16) unsigned char smem[];                                             \
-        w4a16_mma<MB, STAGES>(x, stride_xm, M, qw, sz, bias, out, stride_om, N, K, gshift, smem);         \
+        w4a16_mma<MB, STAGES, SPLIT_GROUP>(x, stride_xm, M, qw, sz, bias, out, stride_om, N, K, gshift, smem); \
     }
-MMA_ENTRY(1, RING_STAGES) MMA_ENTRY(2, RING_STAGES)  // RING_STAGES: defined by compile_cubin
+// The entries (w4a16_mma_mb<MB>_s<STAGES>[_g64]) are listed by compile_cubin: see ENTRIES.
 
 
 // The fp16 weight [N, K] from the mma layout, (q - zero) * scale rounded once (prefill
@@ -303,7 +326,7 @@ extern "C" __global__ void __launch_bounds__(128) w4a16_mma_dequant(
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
         u32 a[4];
-        unpack_a(word_of(v, j), q.za, q.zb, a);
+        unpack_a(word_of(v, j), q.za, q.zb, NibbleMasks{0x000F000Fu, 0x00F000F0u}, a);
         row_a[2 * j] = hmul2(a[0], s2a);
         row_b[2 * j] = hmul2(a[1], s2b);
         row_a[2 * j + 1] = hmul2(a[2], s2a);
@@ -323,7 +346,7 @@ extern "C" __global__ void __launch_bounds__(128) w4a16_mma_dequant(
 """
 
 BATCH_BLOCKS = (1, 2)  # MB: kernels for up to 8 and 16 rows of x
-RING_STAGES = 4  # ring slots per warp (8 and 16 measured no faster, and cost occupancy: docs/dev/kernels-notes.md)
+RING_STAGES = (4, 8)  # ring slots per warp (pairs of chunks in flight + 1) the kernels are built for
 MAX_ROWS = 8 * BATCH_BLOCKS[-1]
 SLICED_ROWS = 2 * MAX_ROWS  # up to this many rows run as slices; beyond, dequantize + cuBLAS
 
@@ -352,8 +375,9 @@ def available() -> tuple[bool, str]:
 
 
 def supports(k: int, group_size: int) -> bool:
-    """Shapes the kernel takes: group size a power of two >= 64 dividing K (chunks of 64 lie in one group)."""
-    return group_size >= 64 and group_size & (group_size - 1) == 0 and k % group_size == 0
+    """Shapes the kernel takes: K a multiple of 128 (its steps are pairs of 64-wide chunks), group
+    size a power of two >= 64 dividing K (a chunk lies in one group)."""
+    return k % 128 == 0 and group_size >= 64 and group_size & (group_size - 1) == 0 and k % group_size == 0
 
 
 def usable(k: int, group_size: int) -> bool:
@@ -372,10 +396,29 @@ def cache_dir() -> Path:
     return Path(os.environ.get("EDGELLM_KERNEL_CACHE") or Path.home() / ".cache" / "edgellm" / "kernels")
 
 
+def entry_name(mb: int, stages: int, split_group: bool) -> str:
+    """The kernel entry for up to 8 * mb rows, a ring of `stages` slots, and G = 64 (split_group) or more."""
+    return f"w4a16_mma_mb{mb}_s{stages}" + ("_g64" if split_group else "")
+
+
+ENTRIES = [(mb, stages, split) for mb in BATCH_BLOCKS for stages in RING_STAGES for split in (False, True)]
+
+
+def min_blocks_per_sm(mb: int, stages: int) -> int:
+    """The register budget the compiler is held to (256 threads per block). Up to 8 rows with
+    a 4-slot ring fit 64 registers without spilling: 4 blocks of 8 warps per SM, where 80
+    registers would allow 3. The deep ring is for shapes of at most two blocks per SM."""
+    if stages == RING_STAGES[-1]:
+        return 2
+    return 4 if mb == 1 else 1
+
+
 def compile_cubin(sm: int) -> bytes:
     """The kernels as a cubin for SM `sm` (e.g. 90), compiled once and cached on disk.
     Needs NVRTC, not a GPU."""
-    source = f"#define RING_STAGES {RING_STAGES}\n{SOURCE}"
+    entries = "".join(f"MMA_ENTRY({entry_name(mb, stages, split)}, {mb}, {stages}, {str(split).lower()}, "
+                      f"{min_blocks_per_sm(mb, stages)})\n" for mb, stages, split in ENTRIES)
+    source = SOURCE + entries
     key = hashlib.sha256(source.encode() + f"sm_{sm}".encode()).hexdigest()[:16]
     path = cache_dir() / f"w4a16-mma-sm{sm}-{key}.cubin"
     if path.is_file():
@@ -410,7 +453,7 @@ def _functions(device_index: int) -> dict[str, object]:
                       "cuDevicePrimaryCtxRetain")
         _ok(driver.cuCtxSetCurrent(context), "cuCtxSetCurrent")
     module = _ok(driver.cuModuleLoadData(compile_cubin(10 * major + minor)), "cuModuleLoadData")
-    ring = [f"w4a16_mma_mb{mb}" for mb in BATCH_BLOCKS]
+    ring = [entry_name(*e) for e in ENTRIES]
     names = ring + ["w4a16_mma_dequant"]
     functions = {name: _ok(driver.cuModuleGetFunction(module, name.encode()), "cuModuleGetFunction") for name in names}
     # The rings take more than the 48 KB of shared memory a block gets without asking.
@@ -557,26 +600,31 @@ class MmaWeights:
 
 @dataclasses.dataclass(frozen=True)
 class MmaConfig:
-    """How one call runs: `warps` per 16-row tile (K split that many ways); early_start None:
-    programmatic dependent launch where pdl.active says so (graph capture)."""
+    """How one call runs: `warps` per 16-row tile (K split that many ways), a ring of `stages`
+    slots per warp (one of RING_STAGES); early_start None: programmatic dependent launch where
+    pdl.active says so (graph capture)."""
 
     warps: int = 8
+    stages: int = 4
     early_start: bool | None = None
 
 
 def pick_config(n: int, k: int, num_sms: int) -> MmaConfig:
-    """8 warps per tile where K has >= 2 chunks per warp: the most warps per SM (their rings
-    keep the loads in flight) for the fewest cross-warp sums. Measured against 1, 2 and 4
-    in docs/dev/kernels-notes.md; N and the SM count did not change the choice."""
+    """8 warps per tile where K has >= 2 chunk pairs per warp: the most warps per SM (their
+    rings keep the loads in flight) for the fewest cross-warp sums. Where the tiles give at
+    most two blocks per SM, occupancy is bound by the block count, not by shared memory, so
+    each warp gets the deeper ring (more bytes in flight). Measured in docs/dev/kernels-notes.md."""
     warps = 8
-    while warps > 1 and k // 64 < 2 * warps:
+    while warps > 1 and k // 128 < 2 * warps:
         warps //= 2
-    return MmaConfig(warps)
+    stages = RING_STAGES[-1] if -(-n // 16) <= 2 * num_sms else RING_STAGES[0]
+    return MmaConfig(warps, stages)
 
 
-def shared_bytes(config: MmaConfig, mb: int) -> int:
-    """Dynamic shared memory of one block: the warps' rings, then the cross-warp sums."""
-    return config.warps * RING_STAGES * (512 + 256) + (config.warps - 1) * 4 * mb * 32 * 4
+def shared_bytes(config: MmaConfig, mb: int, split_group: bool) -> int:
+    """Dynamic shared memory of one block: the warps' rings (weights, then scale/zero), then the cross-warp sums."""
+    ring = config.warps * config.stages * (1024 + 256 * (2 if split_group else 1))
+    return ring + (config.warps - 1) * 4 * mb * 32 * 4
 
 
 def w4a16_mma_linear(x: torch.Tensor, w: MmaWeights, bias: torch.Tensor | None = None,
@@ -599,12 +647,14 @@ def w4a16_mma_linear(x: torch.Tensor, w: MmaWeights, bias: torch.Tensor | None =
         bias = bias.contiguous()
     config = config or pick_config(w.n, k, sm_count(x.device))
     gshift = w.group_size.bit_length() - 1
+    split_group = w.group_size == 64
     early_start = pdl.active(x.device) if config.early_start is None else config.early_start
     for m0 in range(0, m, MAX_ROWS):
         rows = min(MAX_ROWS, m - m0)
         mb = next(b for b in BATCH_BLOCKS if 8 * b >= rows)
         xs, outs = x[m0:m0 + rows], out[m0:m0 + rows]
-        _launch(f"w4a16_mma_mb{mb}", x.device, -(-w.n // 16), 32 * config.warps, shared_bytes(config, mb),
+        _launch(entry_name(mb, config.stages, split_group), x.device, -(-w.n // 16), 32 * config.warps,
+                shared_bytes(config, mb, split_group),
                 (xs.data_ptr(), xs.stride(0), rows, w.qweight.data_ptr(), w.scale_zero.data_ptr(),
                  0 if bias is None else bias.data_ptr(), outs.data_ptr(), outs.stride(0), w.n, k, gshift),
                 (ctypes.c_void_p, ctypes.c_longlong, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
