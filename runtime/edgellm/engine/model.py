@@ -112,8 +112,10 @@ class Attention(nn.Module):
         self.kv_cache: KVCache | None = None
         self.kernels = None  # engine/kernels/fused.py on CUDA
 
-    def forward(self, x, rope: tuple[torch.Tensor, torch.Tensor], slots, positions, seq_lens) -> torch.Tensor:
-        """rope: the (cos, sin) tables [max_seq_len, head_dim], indexed by position."""
+    def forward(self, x, rope: tuple[torch.Tensor, torch.Tensor], slots, positions, seq_lens,
+                span: int | None = None) -> torch.Tensor:
+        """rope: the (cos, sin) tables [max_seq_len, head_dim], indexed by position; span:
+        seq_lens.max() where the caller knows it (reading it from the GPU waits for the GPU)."""
         c = self.config
         b, t, _ = x.shape
         qkv = self.wqkv(x)
@@ -135,7 +137,7 @@ class Attention(nn.Module):
 
         # Reference path (CPU, and prefill on GPU): attend over the row's cache up to the
         # longest live length in the batch, masking each query to its own causal prefix.
-        span = int(seq_lens.max())
+        span = int(seq_lens.max()) if span is None else span
         keys = cache.k[slots, :, :span].to(q.dtype)
         values = cache.v[slots, :, :span].to(q.dtype)
         key_pos = torch.arange(span, device=x.device)
@@ -171,10 +173,10 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.feed_forward = FeedForward(config, linears["w13"], linears["w2"])
 
-    def forward(self, x, residual, rope, slots, positions, seq_lens) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x, residual, rope, slots, positions, seq_lens, span: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (this block's output, the residual stream before it): the next norm adds them."""
         h, residual = self.attention_norm(x, residual)
-        h, residual = self.ffn_norm(self.attention(h, rope, slots, positions, seq_lens), residual)
+        h, residual = self.ffn_norm(self.attention(h, rope, slots, positions, seq_lens, span), residual)
         return self.feed_forward(h), residual
 
 
@@ -230,12 +232,15 @@ class Transformer(nn.Module):
         slots: torch.Tensor,  # [B]
         seq_lens: torch.Tensor,  # [B]: live KV length of each row after this step
         last_only: bool = True,
+        span: int | None = None,  # seq_lens.max(), where the caller knows it
     ) -> torch.Tensor:
         x = self.tok_embeddings(tokens)
         residual = None
         rope = (self.rope_cos, self.rope_sin)
+        if span is None and not (tokens.shape[1] == 1 and self.layers[0].attention.kernels is not None):
+            span = int(seq_lens.max())  # once here, not in every layer: each read waits for the GPU
         for layer in self.layers:
-            x, residual = layer(x, residual, rope, slots, positions, seq_lens)
+            x, residual = layer(x, residual, rope, slots, positions, seq_lens, span)
         if last_only:
             x, residual = x[:, -1:], residual[:, -1:]
         x, _ = self.norm(x, residual)

@@ -163,7 +163,7 @@ class Engine:
         positions = torch.arange(start_pos, start_pos + n, device=dev)[None]
         slots = torch.tensor([slot], device=dev)
         seq_lens = torch.tensor([start_pos + n], dtype=torch.int32, device=dev)
-        return self.model(tokens, positions, slots, seq_lens)[0, -1]
+        return self.model(tokens, positions, slots, seq_lens, span=start_pos + n)[0, -1]
 
     @torch.inference_mode()
     def decode(self, slots: list[int], token_ids: list[int], positions: list[int]) -> torch.Tensor:
@@ -188,7 +188,7 @@ class Engine:
         pos = torch.tensor(positions, dtype=torch.long, device=dev)[:, None]
         slot_t = torch.tensor(slots, device=dev)
         seq_lens = (pos[:, 0] + 1).to(torch.int32)
-        return self.model(tokens, pos, slot_t, seq_lens)[:, -1]
+        return self.model(tokens, pos, slot_t, seq_lens, span=max(positions) + 1)[:, -1]
 
     @torch.inference_mode()
     def score(self, token_ids: list[int], slot: int = 0) -> torch.Tensor:
@@ -198,17 +198,18 @@ class Engine:
         tokens = torch.tensor([token_ids], dtype=torch.long, device=dev)
         positions = torch.arange(n, device=dev)[None]
         seq_lens = torch.tensor([n], dtype=torch.int32, device=dev)
-        return self.model(tokens, positions, torch.tensor([slot], device=dev), seq_lens, last_only=False)[0]
+        return self.model(tokens, positions, torch.tensor([slot], device=dev), seq_lens, last_only=False, span=n)[0]
 
     def warm_up(self) -> None:
         """Run each step shape once (and on CUDA capture the decode graphs for every batch
         size 1..max_batch), so the first request costs what later ones do."""
-        for b in range(1, self.max_batch + 1):
-            self.decode(list(range(b)), [0] * b, [0] * b)
         self.prefill(0, [0] * min(8, self.max_seq_len - 1))
         if self.device.type == "cuda":
-            self._capture_decode_graphs()
+            self._capture_decode_graphs()  # runs each batch size once, then captures it
             torch.cuda.synchronize(self.device)
+        else:
+            for b in range(1, self.max_batch + 1):
+                self.decode(list(range(b)), [0] * b, [0] * b)
         self.warm = True
 
     @torch.inference_mode()
