@@ -39,8 +39,10 @@ for step in "$@"; do
         done
         ;;
     profile-prefill)
-        timeout 200 python3 bench/profile_step.py --shape llama-3.1-8b --prefill 512 --out "$OUT/profile-prefill.json" 2>&1 \
-            | grep -v Warning | tee "$OUT/profile-prefill.txt" | head -20
+        for shape in ${PREFILL_SHAPES:-llama-3.1-8b}; do
+            timeout 200 python3 bench/profile_step.py --shape $shape --prefill 512 --out "$OUT/profile-prefill-$shape.json" 2>&1 \
+                | grep -v Warning | tee -a "$OUT/profile-prefill.txt" | head -45
+        done
         ;;
     profile-startup)
         timeout 200 python3 bench/profile_startup.py --shape llama-3.2-1b --out "$OUT/profile-startup.txt" 2>&1 | head -45

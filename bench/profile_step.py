@@ -47,7 +47,7 @@ def main() -> int:
     (work / "tok").mkdir()
     train_demo_tokenizer(work / "tok")
     sm = device_sm(torch.device("cuda"))
-    write_random_engine(work / "engine", args.shape, work / "tok", max_batch=max(8, args.batch), max_seq_len=2048,
+    write_random_engine(work / "engine", args.shape, work / "tok", max_batch=max(8, args.batch), max_seq_len=4096,
                         target_sms=[sm], device="cuda")
     engine = Engine.load(work / "engine", device="cuda")
     engine.warm_up()
@@ -100,13 +100,25 @@ def profile_prefill(engine, args) -> int:
         engine.prefill(0, prompt).argmax().item()
         return (time.perf_counter() - t0) * 1e3
 
+    def first_token() -> float:  # as bench/decode.py times TTFT: prefill, then the sampler's token
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        sample_batch(engine.prefill(0, prompt)[None], [sampler])
+        return (time.perf_counter() - t0) * 1e3
+
+    from edgellm.engine.sampling import Sampler, SamplingParams, sample_batch
+
+    sampler = Sampler(SamplingParams(), engine.config.vocab_size, engine.device, prompt)
     run()
     runs = [run() for _ in range(15)]
     print(f"{args.shape} prefill {args.prefill} tokens, ms per run: " + " ".join(f"{t:.1f}" for t in runs))
+    first_token()
+    print("prefill + sample_batch, ms per run: " + " ".join(f"{first_token():.1f}" for _ in range(7)))
     steps = 3
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA, torch.profiler.ProfilerActivity.CPU]) as prof:
         for _ in range(steps):
-            run()
+            first_token()
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=18, max_name_column_width=60))
     rows = kernel_table(prof, steps)
     kernel_ms = sum(r["us_per_step"] for r in rows) / 1e3
     args.out.write_text(json.dumps({"shape": args.shape, "prefill_tokens": args.prefill, "runs_ms": runs,

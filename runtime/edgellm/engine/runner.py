@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 
 from edgellm.engine.config import ModelConfig
-from edgellm.engine.kernels import available as kernels_available
+from edgellm.engine.kernels import available as kernels_available, start_hashing_compiler
 from edgellm.engine.linear import Int4Linear, dense_linear
 from edgellm.engine.manifest import CPU_TARGET, Manifest, read_manifest, verify_files
 from edgellm.engine.model import Transformer
@@ -86,6 +86,8 @@ class Engine:
         manifest.require_runtime()
         dev = resolve_device(device)
         manifest.require_target(device_sm(dev))  # on CUDA this also initialises the context
+        if dev.type == "cuda":
+            start_hashing_compiler()
         lap("device_init")
         if verify:  # the small files; the weights are verified chunk by chunk as they are read, in load_weights
             others = [rel for rel in manifest.files if rel != WEIGHTS_NAME]
