@@ -140,10 +140,15 @@ class Attention(nn.Module):
         span = int(seq_lens.max()) if span is None else span
         keys = cache.k[slots, :, :span].to(q.dtype)
         values = cache.v[slots, :, :span].to(q.dtype)
-        key_pos = torch.arange(span, device=x.device)
-        mask = key_pos[None, None, None, :] <= positions[:, None, :, None]  # [B, 1, T, span]
+        if span == t:
+            # Every row holds just these t tokens, from position 0: plain causal attention, with
+            # no mask to build (fewer launches, and the flash kernels take it).
+            mask, causal = None, True
+        else:
+            key_pos = torch.arange(span, device=x.device)
+            mask, causal = key_pos[None, None, None, :] <= positions[:, None, :, None], False  # [B, 1, T, span]
         out = F.scaled_dot_product_attention(
-            q.transpose(1, 2), keys, values, attn_mask=mask, scale=scale,
+            q.transpose(1, 2), keys, values, attn_mask=mask, is_causal=causal, scale=scale,
             enable_gqa=c.num_heads != c.num_kv_heads,
         )
         return self.wo(out.transpose(1, 2).reshape(b, t, c.q_size))
@@ -233,6 +238,7 @@ class Transformer(nn.Module):
         seq_lens: torch.Tensor,  # [B]: live KV length of each row after this step
         last_only: bool = True,
         span: int | None = None,  # seq_lens.max(), where the caller knows it
+        last_index: torch.Tensor | None = None,  # [1]: the logits of this position only (a padded prompt's last token)
     ) -> torch.Tensor:
         x = self.tok_embeddings(tokens)
         residual = None
@@ -241,7 +247,9 @@ class Transformer(nn.Module):
             span = int(seq_lens.max())  # once here, not in every layer: each read waits for the GPU
         for layer in self.layers:
             x, residual = layer(x, residual, rope, slots, positions, seq_lens, span)
-        if last_only:
+        if last_index is not None:
+            x, residual = x.index_select(1, last_index), residual.index_select(1, last_index)
+        elif last_only:
             x, residual = x[:, -1:], residual[:, -1:]
         x, _ = self.norm(x, residual)
         return F.linear(x, self.lm_head_weight()).float()

@@ -22,6 +22,14 @@ from edgellm.engine.weights import WEIGHTS_NAME, load_weights
 from edgellm.errors import EngineFormatError, RequestError
 
 
+# On CUDA a prompt (from position 0) of up to this many tokens is padded to the next of these
+# lengths and prefilled by a CUDA graph captured at warm-up: launched eagerly, a prefill's
+# ~15 kernels per layer cost more CPU time than the GPU needs for them, so the time to the
+# first token would depend on the host's CPU. Padding is harmless: attention is causal, and
+# the padded positions' KV entries are overwritten before any later token reads them.
+PREFILL_GRAPH_TOKENS = (64, 128, 256, 512, 1024, 2048)
+
+
 def device_sm(device: torch.device) -> str:
     if device.type != "cuda":
         return CPU_TARGET
@@ -57,6 +65,10 @@ class Engine:
         self._graph_logits: dict[int, torch.Tensor] = {}
         self._static_inputs: torch.Tensor | None = None  # int64 [3, max_batch]: tokens, positions, slots
         self._host_inputs: torch.Tensor | None = None  # pinned mirror, so a step allocates nothing on the host
+        # CUDA-graph prefill: one graph per padded prompt length (PREFILL_GRAPH_TOKENS).
+        self._prefill_graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self._prefill_logits: dict[int, torch.Tensor] = {}
+        self._prefill_inputs: torch.Tensor | None = None  # int64: slot, last index, tokens
 
     @property
     def load_seconds(self) -> float:
@@ -160,6 +172,12 @@ class Engine:
     def prefill(self, slot: int, token_ids: list[int], start_pos: int = 0) -> torch.Tensor:
         """Run token_ids into `slot` at positions start_pos.. ; returns the last token's logits [V]."""
         n = len(token_ids)
+        length = next((t for t in self._prefill_graphs if t >= n), None) if start_pos == 0 else None
+        if length is not None:
+            # One copy in: slot, last index, tokens (the tail past n keeps earlier valid ids: padding).
+            self._prefill_inputs[:n + 2].copy_(torch.tensor([slot, n - 1, *token_ids], dtype=torch.long), non_blocking=True)
+            self._prefill_graphs[length].replay()
+            return self._prefill_logits[length].clone()  # the next replay reuses the graph's buffer
         dev = self.device
         tokens = torch.tensor([token_ids], dtype=torch.long, device=dev)
         positions = torch.arange(start_pos, start_pos + n, device=dev)[None]
@@ -203,11 +221,11 @@ class Engine:
         return self.model(tokens, positions, torch.tensor([slot], device=dev), seq_lens, last_only=False, span=n)[0]
 
     def warm_up(self) -> None:
-        """Run each step shape once (and on CUDA capture the decode graphs for every batch
-        size 1..max_batch), so the first request costs what later ones do."""
+        """Run each step shape once (and on CUDA capture the prefill graphs and the decode
+        graphs for every batch size 1..max_batch), so the first request costs what later ones do."""
         self.prefill(0, [0] * min(8, self.max_seq_len - 1))
         if self.device.type == "cuda":
-            self._capture_decode_graphs()  # runs each batch size once, then captures it
+            self._capture_graphs()  # runs each shape once, then captures it
             torch.cuda.synchronize(self.device)
         else:
             for b in range(1, self.max_batch + 1):
@@ -215,20 +233,51 @@ class Engine:
         self.warm = True
 
     @torch.inference_mode()
-    def _capture_decode_graphs(self) -> None:
+    def _capture_graphs(self) -> None:
         from edgellm.engine.kernels import pdl
 
+        pool = torch.cuda.graph_pool_handle()  # one memory pool: graphs replay one at a time
+        self._capture_prefill_graphs(pool)
         with pdl.early_starts():  # decode graphs: each kernel may start while the previous one ends
-            self._capture_decode_graphs_now()
+            self._capture_decode_graphs(pool)
 
-    def _capture_decode_graphs_now(self) -> None:
+    def _capture(self, step: Callable[[], torch.Tensor], pool) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        """Run step once on a side stream (kernels compile and allocate outside the capture), then capture it."""
+        dev = self.device
+        side = torch.cuda.Stream(dev)
+        side.wait_stream(torch.cuda.current_stream(dev))
+        with torch.cuda.stream(side):
+            step()
+        torch.cuda.current_stream(dev).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool):
+            out = step()
+        return graph, out
+
+    def _capture_prefill_graphs(self, pool) -> None:
+        lengths = [t for t in PREFILL_GRAPH_TOKENS if t <= self.max_seq_len]
+        if not lengths:
+            return
+        dev = self.device
+        self._prefill_inputs = torch.zeros(2 + lengths[-1], dtype=torch.long, device=dev)  # slot 0, valid ids
+        slot, last = self._prefill_inputs[0:1], self._prefill_inputs[1:2]
+        for t in reversed(lengths):  # largest first, so smaller graphs reuse its pool memory
+            tokens = self._prefill_inputs[2:2 + t].view(1, t)
+            positions = torch.arange(t, device=dev)[None]
+            seq_lens = torch.full((1,), t, dtype=torch.int32, device=dev)
+
+            def step():
+                return self.model(tokens, positions, slot, seq_lens, span=t, last_index=last)[0, -1]
+
+            self._prefill_graphs[t], self._prefill_logits[t] = self._capture(step, pool)
+        self._prefill_graphs = dict(sorted(self._prefill_graphs.items()))  # prefill() takes the first that fits
+
+    def _capture_decode_graphs(self, pool) -> None:
         dev = self.device
         n = self.max_batch
         self._static_inputs = torch.zeros(3, n, dtype=torch.long, device=dev)
         self._static_inputs[2] = torch.arange(n, device=dev)  # valid slots while capturing
         self._host_inputs = torch.zeros(3, n, dtype=torch.long).pin_memory()
-        pool = torch.cuda.graph_pool_handle()
-        side = torch.cuda.Stream(dev)
         for b in range(n, 0, -1):  # largest first, so smaller graphs reuse its pool memory
             tokens = self._static_inputs[0, :b].view(b, 1)
             positions = self._static_inputs[1, :b].view(b, 1)
@@ -238,18 +287,13 @@ class Engine:
                 seq_lens = (positions[:, 0] + 1).to(torch.int32)
                 return self.model(tokens, positions, slots, seq_lens)[:, -1]
 
-            side.wait_stream(torch.cuda.current_stream(dev))
-            with torch.cuda.stream(side):
-                step()  # kernels compile and allocate outside the capture
-            torch.cuda.current_stream(dev).wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                self._graph_logits[b] = step()
-            self._graphs[b] = graph
+            self._graphs[b], self._graph_logits[b] = self._capture(step, pool)
 
     def free(self) -> None:
         self._graphs.clear()
         self._graph_logits.clear()
+        self._prefill_graphs.clear()
+        self._prefill_logits.clear()
         self.model = None
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
