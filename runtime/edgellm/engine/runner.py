@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from edgellm.engine.config import ModelConfig
 from edgellm.engine.kernels import available as kernels_available, start_hashing_compiler
@@ -267,7 +268,10 @@ class Engine:
             seq_lens = torch.full((1,), t, dtype=torch.int32, device=dev)
 
             def step():
-                return self.model(tokens, positions, slot, seq_lens, span=t, last_index=last)[0, -1]
+                # Not cuDNN's attention: its graph nodes read host memory that is gone by the
+                # time a captured graph replays (pytorch/pytorch#169849: illegal memory access).
+                with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
+                    return self.model(tokens, positions, slot, seq_lens, span=t, last_index=last)[0, -1]
 
             self._prefill_graphs[t], self._prefill_logits[t] = self._capture(step, pool)
         self._prefill_graphs = dict(sorted(self._prefill_graphs.items()))  # prefill() takes the first that fits
