@@ -264,12 +264,14 @@ class Engine:
         slot, last = self._prefill_inputs[0:1], self._prefill_inputs[1:2]
         for t in reversed(lengths):  # largest first, so smaller graphs reuse its pool memory
             tokens = self._prefill_inputs[2:2 + t].view(1, t)
-            positions = torch.arange(t, device=dev)[None]
-            seq_lens = torch.full((1,), t, dtype=torch.int32, device=dev)
 
             def step():
-                # Not cuDNN's attention: its graph nodes read host memory that is gone by the
-                # time a captured graph replays (pytorch/pytorch#169849: illegal memory access).
+                # Everything a graph reads must outlive it: positions and lengths are made inside
+                # the graph (in its pool), the rest are views of self._prefill_inputs.
+                positions = torch.arange(t, device=dev)[None]
+                seq_lens = torch.full((1,), t, dtype=torch.int32, device=dev)
+                # cuDNN's attention is left out: its captured nodes can read host memory that is
+                # freed before the graph replays (pytorch/pytorch#169849).
                 with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
                     return self.model(tokens, positions, slot, seq_lens, span=t, last_index=last)[0, -1]
 
