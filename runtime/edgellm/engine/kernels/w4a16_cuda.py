@@ -29,9 +29,10 @@ Each 64-wide chunk lies in one quantization group, so the scale multiplies the c
 fp32 partial sums, not every weight.
 
 A block computes one 16-row tile of the output; its warps split K and meet in shared
-memory (no atomics, no workspace, deterministic, CUDA-graph capturable). Each warp streams
-its chunks through a ring of RING_STAGES slots in shared memory with cp.async, so the
-weight loads in flight cost no registers; on SM 9.0+ the kernel is launched to start early
+memory (no atomics, no workspace, deterministic, CUDA-graph capturable). A warp steps over
+pairs of chunks (1 KB of weights: the per-step costs, a wait, addresses, a scale, are paid
+once per pair) and streams them through a ring of 4 or 8 slots (RING_STAGES) in shared
+memory with cp.async, so the weight loads in flight cost no registers; on SM 9.0+ the kernel is launched to start early
 (programmatic dependent launch, kernels/pdl.py): it requests its first chunks while the
 previous kernel finishes, and waits for that kernel before it reads x. The source is
 header-free (PTX for the fp16 arithmetic), so NVRTC needs no CUDA include directory, and
