@@ -296,11 +296,12 @@ __device__ __forceinline__ void w4a16_mma(
 }
 
 #define MMA_ENTRY(NAME, MB, STAGES, SPLIT_GROUP, MIN_BLOCKS)                                              \
-    extern "C" __global__ void __launch_bounds__(256, MIN_BLOCKS) NAME(                                               \
+    extern "C" __global__ void __launch_bounds__(256, MIN_BLOCKS) NAME(                                   \
         const u16* x, long long stride_xm, int M, const uint4* qw, const uint2* sz,                       \
         const u16* bias, u16* out, long long stride_om, int N, int K, int gshift) {                       \
         extern __shared__ __align__(16) unsigned char smem[];                                             \
-        w4a16_mma<MB, STAGES, SPLIT_GROUP>(x, stride_xm, M, qw, sz, bias, out, stride_om, N, K, gshift, smem); \
+        w4a16_mma<MB, STAGES, SPLIT_GROUP>(x, stride_xm, M, qw, sz, bias, out, stride_om, N, K, gshift,   \
+                                           smem);                                                         \
     }
 // The entries (w4a16_mma_mb<MB>_s<STAGES>[_g64]) are listed by compile_cubin: see ENTRIES.
 
