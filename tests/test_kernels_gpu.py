@@ -347,6 +347,30 @@ def test_mma_kernel_matches_dequantized_reference(n, k, g, bias, m):
     assert err < REL_TOL
 
 
+@pytest.mark.parametrize("g", [64, 128])
+@pytest.mark.parametrize("m", [1, 3, 8, 13, 16, 17, 100])
+def test_mma_gate_up_kernel_returns_silu_of_gate_times_up(g, m):
+    """The fused gate|up projection (rows interleaved at load) gives SiLU(gate) * up of the
+    plain projection's fp16 output, as fused.silu_mul computes it: decode (in the kernel's
+    epilogue) and prefill (dequantize + cuBLAS) alike, with a bias."""
+    w4a16_cuda = _mma_or_skip()
+    inter, k = 1024, 2048
+    qw = _weights(2 * inter, k, g)
+    plain = w4a16_cuda.MmaWeights.from_rowpacked(qw.qweight, qw.scales, qw.zeros, g)
+    fused = w4a16_cuda.MmaWeights.from_rowpacked(qw.qweight, qw.scales, qw.zeros, g, gate_up=True)
+    torch.manual_seed(m)
+    x = torch.randn(m, k, device="cuda").half()
+    bias = torch.randn(2 * inter, device="cuda").half()
+    gate_up = w4a16_cuda.w4a16_mma_linear(x, plain, bias).float()
+    ref = torch.nn.functional.silu(gate_up[:, :inter]) * gate_up[:, inter:]
+    out = _poisoned(m, inter)
+    w4a16_cuda.w4a16_mma_linear(x, fused, w4a16_cuda.interleave_gate_up(bias), out=out)
+    err = _rel_err(out, ref)
+    print(f"mma gate|up + SiLU M={m} G={g}: rel err {err:.2e}")
+    assert torch.isfinite(out).all(), "unwritten or non-finite output"
+    assert err < REL_TOL
+
+
 def test_mma_layout_is_the_same_on_the_gpu_and_dequantizes_exactly():
     """to_mma_layout on the GPU equals the CPU's; its fp16 dequantization equals the row-packed one bit for bit."""
     from edgellm.engine.kernels.w4a16 import dequantize_fp16

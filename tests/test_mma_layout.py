@@ -105,3 +105,16 @@ def test_shapes_the_kernel_does_not_take_are_refused_or_routed_elsewhere():
     assert not w4a16_cuda.supports(1536, 96)  # not a power of two
     assert not w4a16_cuda.supports(192, 64)  # the kernel steps over pairs of 64-wide chunks
     assert w4a16_cuda.supports(4096, 128) and w4a16_cuda.supports(256, 256)
+
+
+def test_gate_up_interleaving_puts_a_features_gate_and_up_in_one_tile():
+    inter = 24  # 3 tiles of 8 features
+    rows = torch.arange(2 * inter)  # row r of [gate; up]: gate r for r < I, up r - I after
+    out = w4a16_cuda.interleave_gate_up(rows)
+    for tile in range(inter // 8):
+        for j in range(8):
+            assert out[16 * tile + j] == 8 * tile + j  # the kernel's fragment row g: gate of feature 8 T + g
+            assert out[16 * tile + 8 + j] == inter + 8 * tile + j  # row g + 8: the same feature's up
+    assert sorted(out.tolist()) == rows.tolist()
+    with pytest.raises(ValueError, match="multiple of 8"):
+        w4a16_cuda.interleave_gate_up(torch.arange(20))

@@ -163,6 +163,8 @@ class FeedForward(nn.Module):
         self.kernels = None  # engine/kernels/fused.py on CUDA
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if getattr(self.w13, "fuses_silu", False):  # INT4 on the GPU: SiLU(gate) * up comes out of the projection
+            return self.w2(self.w13.silu_gate_up(x))
         gate_up = self.w13(x)
         if self.kernels is not None:
             return self.w2(self.kernels.silu_mul(gate_up))

@@ -115,7 +115,7 @@ class Engine:
         def linear_factory(name: str, in_features: int, out_features: int, bias: bool):
             if scheme == "fp16":
                 return dense_linear(in_features, out_features, bias)
-            return Int4Linear(in_features, out_features, quant["group_size"], bias)
+            return Int4Linear(in_features, out_features, quant["group_size"], bias, gate_up=name.endswith(".w13"))
 
         with torch.device("meta"):
             model = Transformer(config, linear_factory, manifest.max_seq_len)

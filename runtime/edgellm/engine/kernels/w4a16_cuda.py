@@ -60,6 +60,9 @@ __device__ __forceinline__ u32 hsub2(u32 a, u32 b) { u32 d; asm("sub.rn.f16x2 %0
 __device__ __forceinline__ u32 hmul2(u32 a, u32 b) { u32 d; asm("mul.rn.f16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b)); return d; }
 __device__ __forceinline__ float half_to_float(u16 h) { float f; asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h)); return f; }
 __device__ __forceinline__ u16 float_to_half(float f) { u16 h; asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f)); return h; }
+__device__ __forceinline__ float exp_approx(float x) {  // e^x as Triton's tl.exp computes it: 2^(x log2 e)
+    float y; asm("ex2.approx.f32 %0, %1;" : "=f"(y) : "f"(x * 1.4426950408889634f)); return y;
+}
 __device__ __forceinline__ u16 load_half(const u16* p) { u16 h; asm("ld.global.nc.u16 %0, [%1];" : "=h"(h) : "l"(p)); return h; }
 __device__ __forceinline__ uint4 load_cached(const uint4* p) {
     uint4 v;
@@ -156,7 +159,7 @@ template <int MB, int STAGES, bool SPLIT_GROUP>
 __device__ __forceinline__ void w4a16_mma(
     const u16* __restrict__ x, long long stride_xm, int M, const uint4* __restrict__ qw,
     const uint2* __restrict__ sz, const u16* __restrict__ bias,
-    u16* __restrict__ out, long long stride_om, int N, int K, int gshift, unsigned char* smem)
+    u16* __restrict__ out, long long stride_om, int N, int K, int gshift, int gate_up, unsigned char* smem)
 {
     constexpr int SZ = SPLIT_GROUP ? 2 : 1;  // scale/zero words per lane and pair
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, warps = blockDim.x >> 5;
@@ -282,6 +285,28 @@ __device__ __forceinline__ void w4a16_mma(
                 for (int r = 0; r < 4; ++r) acc[mb][r] += red[((w - 1) * 4 * MB + 4 * mb + r) * 32 + lane];
     }
     // C fragment: acc[mb][r] is output (row 16 tile + g + 8 (r / 2), x row 8 mb + 2 t + r % 2).
+    if (gate_up) {
+        // Rows interleaved at load (interleave_gate_up): row g of the tile is the gate of feature
+        // 8 tile + g, row g + 8 its up. The lane holds both for x rows 2 t, 2 t + 1 and writes
+        // SiLU(gate) * up as fused.silu_mul computes it: from the fp16 gate and up, one rounding.
+#pragma unroll
+        for (int mb = 0; mb < MB; ++mb)
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+                const int feature = tile * 8 + g, m = 8 * mb + 2 * t + e;
+                if (2 * feature < N && m < M) {
+                    float gate = acc[mb][e], up = acc[mb][2 + e];
+                    if (bias != 0) {
+                        gate += half_to_float(load_half(bias + tile * 16 + g));
+                        up += half_to_float(load_half(bias + tile * 16 + 8 + g));
+                    }
+                    gate = half_to_float(float_to_half(gate));
+                    up = half_to_float(float_to_half(up));
+                    out[m * stride_om + feature] = float_to_half(gate / (1.f + exp_approx(-gate)) * up);
+                }
+            }
+        return;
+    }
 #pragma unroll
     for (int mb = 0; mb < MB; ++mb)
 #pragma unroll
@@ -298,10 +323,10 @@ __device__ __forceinline__ void w4a16_mma(
 #define MMA_ENTRY(NAME, MB, STAGES, SPLIT_GROUP, MIN_BLOCKS)                                              \
     extern "C" __global__ void __launch_bounds__(256, MIN_BLOCKS) NAME(                                   \
         const u16* x, long long stride_xm, int M, const uint4* qw, const uint2* sz,                       \
-        const u16* bias, u16* out, long long stride_om, int N, int K, int gshift) {                       \
+        const u16* bias, u16* out, long long stride_om, int N, int K, int gshift, int gate_up) {          \
         extern __shared__ __align__(16) unsigned char smem[];                                             \
         w4a16_mma<MB, STAGES, SPLIT_GROUP>(x, stride_xm, M, qw, sz, bias, out, stride_om, N, K, gshift,   \
-                                           smem);                                                         \
+                                           gate_up, smem);                                                \
     }
 // The entries (w4a16_mma_mb<MB>_s<STAGES>[_g64]) are listed by compile_cubin: see ENTRIES.
 
@@ -579,22 +604,40 @@ def pack_scales(scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
 
 @dataclasses.dataclass
 class MmaWeights:
-    """An INT4 weight [N, K] in the kernel's layout (to_mma_layout, pack_scales)."""
+    """An INT4 weight [N, K] in the kernel's layout (to_mma_layout, pack_scales). gate_up: a
+    fused gate|up projection ([gate; up] rows, N = 2 I) whose rows were interleaved
+    (interleave_gate_up): the linear then returns SiLU(gate) * up, [M, I]."""
 
     qweight: torch.Tensor
     scale_zero: torch.Tensor
     n: int
     k: int
     group_size: int
+    gate_up: bool = False
 
     @classmethod
     def from_rowpacked(cls, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-                       group_size: int) -> "MmaWeights":
+                       group_size: int, gate_up: bool = False) -> "MmaWeights":
         n, k = qweight.shape[0], qweight.shape[1] * 8
         if not supports(k, group_size) or tuple(scales.shape) != (n, k // group_size):
             raise ValueError(f"the mma kernel needs a power-of-two group size >= 64 dividing K={k} and scales "
                              f"[N, K // G]; got group size {group_size}, scales {tuple(scales.shape)}")
-        return cls(to_mma_layout(qweight), pack_scales(scales, zeros), n, k, group_size)
+        if gate_up:
+            qweight, scales, zeros = (interleave_gate_up(t) for t in (qweight, scales, zeros))
+        return cls(to_mma_layout(qweight), pack_scales(scales, zeros), n, k, group_size, gate_up)
+
+
+def interleave_gate_up(rows: torch.Tensor) -> torch.Tensor:
+    """[gate; up] rows (2 I of them, I a multiple of 8) -> per 16-row tile T: gate rows 8 T .. 8 T + 7,
+    then up rows 8 T .. 8 T + 7. A lane of the kernel then holds a feature's gate and up together."""
+    n = rows.shape[0]
+    if n % 16:
+        raise ValueError(f"gate|up interleaving needs 2 I rows with I a multiple of 8, got {n} rows")
+    inter = n // 2
+    tile = torch.arange(inter // 8, device=rows.device).view(-1, 1, 1)
+    half = torch.arange(2, device=rows.device).view(1, 2, 1)
+    j = torch.arange(8, device=rows.device).view(1, 1, 8)
+    return rows[(half * inter + 8 * tile + j).reshape(-1)]
 
 
 # ---- the linear -----------------------------------------------------------------------------
@@ -631,18 +674,23 @@ def shared_bytes(config: MmaConfig, mb: int, split_group: bool) -> int:
 
 def w4a16_mma_linear(x: torch.Tensor, w: MmaWeights, bias: torch.Tensor | None = None,
                      out: torch.Tensor | None = None, config: MmaConfig | None = None) -> torch.Tensor:
-    """x [M, K] fp16 @ dequant(W)^T (+ bias) -> [M, N] fp16. Up to 16 rows per launch, up to
-    SLICED_ROWS as slices of 16; more rows dequantize to fp16 once and call cuBLAS."""
+    """x [M, K] fp16 @ dequant(W)^T (+ bias) -> [M, N] fp16 (w.gate_up: SiLU(gate) * up, [M, N / 2];
+    bias interleaved as the rows). Up to 16 rows per launch, up to SLICED_ROWS as slices of 16;
+    more rows dequantize to fp16 once and call cuBLAS."""
     m, k = x.shape
     if k != w.k:
         raise ValueError(f"x has {k} in-features, the weight has {w.k}")
     if out is None:
-        out = torch.empty(m, w.n, dtype=torch.float16, device=x.device)
+        out = torch.empty(m, w.n // 2 if w.gate_up else w.n, dtype=torch.float16, device=x.device)
     if m == 0:
         return out
     if m > SLICED_ROWS:
-        dense = dequantize_mma(w)
-        return torch.matmul(x, dense.t(), out=out) if bias is None else torch.addmm(bias, x, dense.t(), out=out)
+        dense = dequantize_mma(w).t()
+        if not w.gate_up:
+            return torch.matmul(x, dense, out=out) if bias is None else torch.addmm(bias, x, dense, out=out)
+        tiles = (torch.matmul(x, dense) if bias is None else torch.addmm(bias, x, dense)).view(m, -1, 2, 8)
+        gate, up = tiles[:, :, 0].float(), tiles[:, :, 1].float()  # as fused.silu_mul: fp32 from the fp16 halves
+        return out.copy_((gate / (1 + torch.exp(-gate)) * up).reshape(m, -1))
     if x.stride(1) != 1 or x.stride(0) % 8 or x.data_ptr() % 16:
         x = x.contiguous()  # x read as 16-byte vectors
     if bias is not None:
@@ -658,9 +706,11 @@ def w4a16_mma_linear(x: torch.Tensor, w: MmaWeights, bias: torch.Tensor | None =
         _launch(entry_name(mb, config.stages, split_group), x.device, -(-w.n // 16), 32 * config.warps,
                 shared_bytes(config, mb, split_group),
                 (xs.data_ptr(), xs.stride(0), rows, w.qweight.data_ptr(), w.scale_zero.data_ptr(),
-                 0 if bias is None else bias.data_ptr(), outs.data_ptr(), outs.stride(0), w.n, k, gshift),
+                 0 if bias is None else bias.data_ptr(), outs.data_ptr(), outs.stride(0), w.n, k, gshift,
+                 int(w.gate_up)),
                 (ctypes.c_void_p, ctypes.c_longlong, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
-                 ctypes.c_void_p, ctypes.c_void_p, ctypes.c_longlong, ctypes.c_int, ctypes.c_int, ctypes.c_int),
+                 ctypes.c_void_p, ctypes.c_void_p, ctypes.c_longlong, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                 ctypes.c_int),
                 early_start)
     return out
 
