@@ -12,8 +12,8 @@ share one code path.
 
 On CUDA the runner calls `use_gpu_kernels()`: the small operations between the projections
 (residual add + RMSNorm, rotary embedding + KV-cache write, SiLU * up) then run as fused
-Triton kernels (engine/kernels/fused.py) and decode attention reads only the live part of
-each cache row. The PyTorch code below is the reference they are tested against, and what
+Triton kernels (engine/kernels/fused.py; an INT4 gate|up projection on the tensor-core kernel
+applies SiLU * up itself) and decode attention reads only the live part of each cache row. The PyTorch code below is the reference they are tested against, and what
 the CPU runs.
 """
 
