@@ -167,6 +167,14 @@ print("TIMES", json.dumps({"import_s": t_import - t0, "load_s": t_load - t_impor
 """
 
 
+def start_env(kernel_cache: Path) -> dict[str, str]:
+    """The environment of a measured start: kernel and bytecode caches under kernel_cache."""
+    env = dict(os.environ, EDGELLM_RUNTIME=str(ROOT / "runtime"), TRITON_CACHE_DIR=str(kernel_cache),
+               EDGELLM_KERNEL_CACHE=str(kernel_cache / "edgellm"), PYTHONPYCACHEPREFIX=str(kernel_cache / "pycache"))
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
+    return env
+
+
 def bench_start_to_warm(engine_dir: Path, kernel_cache: Path) -> dict:
     """A fresh process, started as the daemon starts: the CUDA context created on a thread
     beside the imports, then load (verify, read, place), warm up (kernels, graph capture).
@@ -175,11 +183,9 @@ def bench_start_to_warm(engine_dir: Path, kernel_cache: Path) -> dict:
     Python bytecode is cached there too: an installed appliance has it (pip and dpkg compile
     .pyc at install), while a machine that sets PYTHONDONTWRITEBYTECODE and ships packages
     without .pyc (the H100 box does both) would compile ~1000 modules' source at every start."""
-    env = dict(os.environ, EDGELLM_RUNTIME=str(ROOT / "runtime"), TRITON_CACHE_DIR=str(kernel_cache),
-               EDGELLM_KERNEL_CACHE=str(kernel_cache / "edgellm"), PYTHONPYCACHEPREFIX=str(kernel_cache / "pycache"))
-    env.pop("PYTHONDONTWRITEBYTECODE", None)
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-c", START_TO_WARM, str(engine_dir)], capture_output=True, text=True, env=env, timeout=300)
+    proc = subprocess.run([sys.executable, "-c", START_TO_WARM, str(engine_dir)], capture_output=True, text=True,
+                          env=start_env(kernel_cache), timeout=300)
     total = time.perf_counter() - t0
     line = next((l for l in proc.stdout.splitlines() if l.startswith("TIMES")), None)
     if line is None:

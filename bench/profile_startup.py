@@ -11,7 +11,6 @@ functions with the most cumulative time; writes both to --out.
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import subprocess
 import sys
@@ -54,7 +53,7 @@ def main() -> int:
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
 
-    from decode import BATCHES, bench_start_to_warm
+    from decode import BATCHES, bench_start_to_warm, start_env
     from edgellm.engine.demo_tokenizer import train_demo_tokenizer
     from edgellm.engine.random_engine import write_random_engine
     from edgellm.engine.runner import device_sm
@@ -68,11 +67,8 @@ def main() -> int:
     cache = work / "cache"
     first = bench_start_to_warm(engine_dir, cache)  # fills the kernel and bytecode caches
     again = bench_start_to_warm(engine_dir, cache)
-    env = dict(os.environ, EDGELLM_RUNTIME=str(ROOT / "runtime"), TRITON_CACHE_DIR=str(cache),
-               EDGELLM_KERNEL_CACHE=str(cache / "edgellm"), PYTHONPYCACHEPREFIX=str(cache / "pycache"))
-    env.pop("PYTHONDONTWRITEBYTECODE", None)
     proc = subprocess.run([sys.executable, "-X", "importtime", "-c", PROFILED_START, str(engine_dir)],
-                          capture_output=True, text=True, env=env, timeout=300)
+                          capture_output=True, text=True, env=start_env(cache), timeout=300)
     imports = []
     for line in proc.stderr.splitlines():
         m = re.match(r"import time:\s+(\d+) \|\s+(\d+) \|(\s*)(\S+)", line)

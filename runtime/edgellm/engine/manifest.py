@@ -107,7 +107,7 @@ class Manifest:
             raise EngineFormatError(f"{where} lists no files")
         for rel, entry in self.files.items():
             check_relative_path(rel)
-            if not isinstance(entry, dict) or not isinstance(entry.get("sha256"), str) or not _is_count(entry.get("size")):
+            if not isinstance(entry, dict) or not isinstance(entry.get("sha256"), str) or not is_count(entry.get("size")):
                 raise EngineFormatError(f"{where}: entry for {rel!r} needs sha256 and size")
             _check_chunks(where, rel, entry)
         if self.quantization.get("scheme") not in QUANT_SCHEMES:
@@ -151,7 +151,8 @@ class Manifest:
             )
 
 
-def _is_count(value: Any) -> bool:
+def is_count(value: Any) -> bool:
+    """A non-negative int (not a bool): sizes, offsets, dimensions in engine metadata."""
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
@@ -164,7 +165,7 @@ def _check_chunks(where: str, rel: str, entry: dict[str, Any]) -> None:
     chunk_size, chunks = entry.get("chunk_size"), entry.get("chunk_sha256")
     if chunk_size is None and chunks is None:
         return
-    if not _is_count(chunk_size) or not 0 < chunk_size <= MAX_CHUNK_SIZE:
+    if not is_count(chunk_size) or not 0 < chunk_size <= MAX_CHUNK_SIZE:
         raise EngineFormatError(f"{where}: entry for {rel!r} has chunk_size {chunk_size!r}, expected a byte count in "
                                 f"1..{MAX_CHUNK_SIZE}; the manifest is damaged, rebuild the engine")
     expected = -(-entry["size"] // chunk_size)

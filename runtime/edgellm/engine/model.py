@@ -239,14 +239,12 @@ class Transformer(nn.Module):
         slots: torch.Tensor,  # [B]
         seq_lens: torch.Tensor,  # [B]: live KV length of each row after this step
         last_only: bool = True,
-        span: int | None = None,  # seq_lens.max(), where the caller knows it
+        span: int | None = None,  # seq_lens.max(), where the caller knows it (else each layer reads it from the device)
         last_index: torch.Tensor | None = None,  # [1]: the logits of this position only (a padded prompt's last token)
     ) -> torch.Tensor:
         x = self.tok_embeddings(tokens)
         residual = None
         rope = (self.rope_cos, self.rope_sin)
-        if span is None and not (tokens.shape[1] == 1 and self.layers[0].attention.kernels is not None):
-            span = int(seq_lens.max())  # once here, not in every layer: each read waits for the GPU
         for layer in self.layers:
             x, residual = layer(x, residual, rope, slots, positions, seq_lens, span)
         if last_index is not None:

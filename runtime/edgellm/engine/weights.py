@@ -36,6 +36,7 @@ from edgellm.engine.manifest import (
     chunk_spans,
     hash_error,
     hash_threads,
+    is_count,
     open_listed_file,
     read_into,
     verify_files,
@@ -155,9 +156,9 @@ def read_layout(fd: int, size: int, path: Path) -> Layout:
         dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
         if not isinstance(dtype, str) or dtype not in DTYPES:
             raise bad(f"tensor {name!r} has dtype {dtype!r}, expected one of {', '.join(DTYPES)}")
-        if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
+        if not isinstance(shape, list) or not all(is_count(d) for d in shape):
             raise bad(f"tensor {name!r} has shape {shape!r}, expected a list of sizes")
-        if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_count(o) for o in offsets):
+        if not isinstance(offsets, list) or len(offsets) != 2 or not all(is_count(o) for o in offsets):
             raise bad(f"tensor {name!r} has data_offsets {offsets!r}, expected [begin, end]")
         nbytes = math.prod(shape) * DTYPES[dtype].itemsize
         if offsets[1] - offsets[0] != nbytes:
@@ -189,10 +190,6 @@ def tensor_views(data: torch.Tensor, layout: Layout) -> dict[str, torch.Tensor]:
             raw = raw.clone()
         out[t.name] = raw.view(t.dtype).view(t.shape)
     return out
-
-
-def _is_count(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
