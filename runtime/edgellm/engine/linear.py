@@ -56,7 +56,8 @@ class Int4Linear(nn.Module):
         from edgellm.engine.kernels import w4a16_cuda
 
         if self.qweight.is_cuda and w4a16_cuda.usable(self.in_features, self.group_size):
-            self.fuses_silu = self.gate_up and self.out_features % 16 == 0
+            # (prefill's long M applies the SiLU with fused.silu_mul, which needs Triton)
+            self.fuses_silu = self.gate_up and self.out_features % 16 == 0 and kernels.available()
             mma = w4a16_cuda.MmaWeights.from_rowpacked(self.qweight, self.scales, self.zeros, self.group_size,
                                                        gate_up=self.fuses_silu)
             self.qweight = self.scales = self.zeros = None  # the GPU keeps one copy: the kernel's

@@ -105,19 +105,25 @@ def rope_and_write_kv(
     return q
 
 
-def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
-    """[..., 2I] (gate | up) fp16 -> SiLU(gate) * up [..., I]."""
+def silu_mul(gate_up: torch.Tensor, interleaved: bool = False, out: torch.Tensor | None = None) -> torch.Tensor:
+    """[..., 2I] (gate | up) fp16 -> SiLU(gate) * up [..., I]. interleaved: each 16 columns hold
+    8 features' gates, then the same features' ups (the INT4 kernel's gate|up order,
+    w4a16_cuda.interleave_gate_up). out: a contiguous [rows, I] fp16 tensor to write into."""
     _require_triton()
     shape = gate_up.shape
     inter = shape[-1] // 2
     g2 = gate_up.reshape(-1, shape[-1])
     if g2.stride(1) != 1:
         g2 = g2.contiguous()
-    out = torch.empty(g2.shape[0], inter, dtype=gate_up.dtype, device=gate_up.device)
+    if out is None:
+        out = torch.empty(g2.shape[0], inter, dtype=gate_up.dtype, device=gate_up.device)
+    elif out.shape != (g2.shape[0], inter) or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous {(g2.shape[0], inter)} tensor, got {tuple(out.shape)}")
     if g2.shape[0]:
         block = 1024
         _silu_mul_kernel[(g2.shape[0], triton.cdiv(inter, block))](
-            g2, out, inter, g2.stride(0), BLOCK=block, num_warps=4, **pdl.triton_options(g2.device),
+            g2, out, inter, g2.stride(0), INTERLEAVED=interleaved, BLOCK=block, num_warps=4,
+            **pdl.triton_options(g2.device),
         )
     return out.view(*shape[:-1], inter)
 
@@ -174,12 +180,19 @@ if triton is not None:
             tl.store(v_ptr + off + HALF + rd, tl.load(v_src + HALF + rd))
 
     @triton.jit
-    def _silu_mul_kernel(gu_ptr, out_ptr, I, stride_row, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    def _silu_mul_kernel(gu_ptr, out_ptr, I, stride_row, INTERLEAVED: tl.constexpr, BLOCK: tl.constexpr,
+                         PDL: tl.constexpr):
         pdl.start(PDL)
         row = tl.program_id(0).to(tl.int64)
         cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         mask = cols < I
-        g = tl.load(gu_ptr + row * stride_row + cols, mask=mask, other=0.0).to(tl.float32)
-        u = tl.load(gu_ptr + row * stride_row + I + cols, mask=mask, other=0.0).to(tl.float32)
+        if INTERLEAVED:
+            gate_cols = (cols // 8) * 16 + cols % 8
+            up_cols = gate_cols + 8
+        else:
+            gate_cols = cols
+            up_cols = I + cols
+        g = tl.load(gu_ptr + row * stride_row + gate_cols, mask=mask, other=0.0).to(tl.float32)
+        u = tl.load(gu_ptr + row * stride_row + up_cols, mask=mask, other=0.0).to(tl.float32)
         y = g / (1.0 + tl.exp(-g)) * u
         tl.store(out_ptr + row * I + cols, y.to(tl.float16), mask=mask)

@@ -688,9 +688,10 @@ def w4a16_mma_linear(x: torch.Tensor, w: MmaWeights, bias: torch.Tensor | None =
         dense = dequantize_mma(w).t()
         if not w.gate_up:
             return torch.matmul(x, dense, out=out) if bias is None else torch.addmm(bias, x, dense, out=out)
-        tiles = (torch.matmul(x, dense) if bias is None else torch.addmm(bias, x, dense)).view(m, -1, 2, 8)
-        gate, up = tiles[:, :, 0].float(), tiles[:, :, 1].float()  # as fused.silu_mul: fp32 from the fp16 halves
-        return out.copy_((gate / (1 + torch.exp(-gate)) * up).reshape(m, -1))
+        from edgellm.engine.kernels import fused
+
+        gate_up = torch.matmul(x, dense) if bias is None else torch.addmm(bias, x, dense)
+        return fused.silu_mul(gate_up, interleaved=True, out=out)
     if x.stride(1) != 1 or x.stride(0) % 8 or x.data_ptr() % 16:
         x = x.contiguous()  # x read as 16-byte vectors
     if bias is not None:
