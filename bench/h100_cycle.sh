@@ -13,6 +13,7 @@
 #               (transformers at batches $HF_BATCHES, default 1,4)
 #   decode-ours bench/decode.py without transformers (quicker; DECODE_SHAPES=llama-3.1-8b for one shape)
 #   decode-no-pdl  the same with programmatic dependent launch off (EDGELLM_PDL=0), under $OUT/no-pdl
+#   decode-no-fold the same with the norm kernels instead of norms folded into the projections (EDGELLM_FOLD_NORMS=0)
 #   serve-load  the daemon on a 1B-shape INT4 engine under bench/load.py, 5 min
 # e.g. bash bench/h100_cycle.sh tests profile decode-ours
 # The generated gRPC message code is ignored by git: carry runtime/edgellm/v1/*_pb2.py.
@@ -71,6 +72,11 @@ for step in "$@"; do
     decode-ours)
         timeout 300 python3 bench/decode.py --out "$OUT" --skip-hf ${DECODE_SHAPES:+--shapes "$DECODE_SHAPES"} 2>&1 \
             | tee "$OUT/decode.txt" | tail -30
+        ;;
+    decode-no-fold)
+        mkdir -p "$OUT/no-fold"
+        EDGELLM_FOLD_NORMS=0 timeout 300 python3 bench/decode.py --out "$OUT/no-fold" --skip-hf ${DECODE_SHAPES:+--shapes "$DECODE_SHAPES"} 2>&1 \
+            | tee "$OUT/no-fold/decode.txt" | tail -12
         ;;
     decode-no-pdl)
         mkdir -p "$OUT/no-pdl"

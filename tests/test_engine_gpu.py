@@ -80,3 +80,28 @@ def test_graph_prefill_of_a_padded_prompt_matches_eager_prefill(demo_engine):
         next_want = eager.decode([slot], [5], [n]).float()
         next_got = graphed.decode([slot], [5], [n]).float()
         assert ((next_got - next_want).norm() / next_want.norm()).item() < 1e-2
+
+
+def test_decode_with_norms_folded_into_the_projections_matches_the_norm_kernels(demo_engine):
+    """The demo engine's decode folds its RMSNorms into the INT4 projections (w4a16_cuda.Fold);
+    the same steps with the norm kernels give the same logits up to fp16 rounding, and the
+    same KV entries."""
+    folded = Engine.load(demo_engine, device="cuda")
+    plain = Engine.load(demo_engine, device="cuda")
+    assert folded.model.folds_norms, "the demo engine's projections should all be on the tensor-core kernel"
+    plain.model.folds_norms = False
+    prompts = PROMPTS[:3]
+    for engine in (folded, plain):
+        for slot, prompt in enumerate(prompts):
+            engine.prefill(slot, prompt)
+    for step in range(3):
+        slots = list(range(len(prompts)))
+        tokens = [5 + step] * len(prompts)
+        positions = [len(p) + step for p in prompts]
+        want = plain.decode(slots, tokens, positions).float()
+        got = folded.decode(slots, tokens, positions).float()
+        err = ((got - want).norm() / want.norm()).item()
+        k_want = plain.model.layers[-1].attention.kv_cache.k[:3].float()
+        k_err = ((folded.model.layers[-1].attention.kv_cache.k[:3].float() - k_want).norm() / k_want.norm()).item()
+        print(f"decode step {step}, norms folded vs norm kernels: logits rel err {err:.2e}, last layer's K {k_err:.2e}")
+        assert err < 1e-2 and k_err < 1e-2

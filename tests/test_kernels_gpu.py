@@ -371,6 +371,67 @@ def test_mma_gate_up_kernel_returns_silu_of_gate_times_up(g, m):
     assert err < REL_TOL
 
 
+@pytest.mark.parametrize("gate_up", [False, True])
+@pytest.mark.parametrize("m", [1, 3, 8, 13, 16])
+def test_mma_kernel_with_a_norm_folded_in_matches_norm_then_projection(gate_up, m):
+    """Fold(in_sumsq): the projection of RMSNorm(h) * weight, given h * weight and h's sums of
+    squares, matches the norm (fused.add_rms_norm) followed by the plain projection."""
+    from edgellm.engine.kernels import fused as glue
+
+    w4a16_cuda = _mma_or_skip()
+    n, k, g, eps = 2048, 4096, 128, 1e-5
+    qw = _weights(n, k, g)
+    plain = w4a16_cuda.MmaWeights.from_rowpacked(qw.qweight, qw.scales, qw.zeros, g)
+    packed = w4a16_cuda.MmaWeights.from_rowpacked(qw.qweight, qw.scales, qw.zeros, g, gate_up=gate_up)
+    torch.manual_seed(m)
+    h = (torch.randn(m, k, device="cuda") * 3).half()  # a residual stream, not unit scale
+    weight = (torch.rand(k, device="cuda") + 0.5).half()
+    bias = torch.randn(n, device="cuda").half()
+    normed, _ = glue.add_rms_norm(h, None, weight, eps)
+    ref = w4a16_cuda.w4a16_mma_linear(normed, plain, bias).float()
+    if gate_up:
+        ref = torch.nn.functional.silu(ref[:, :n // 2]) * ref[:, n // 2:]
+    sumsq = torch.empty(3, m, dtype=torch.float32, device="cuda")
+    scaled = glue.start_folded_norms(h, weight, sumsq)
+    assert torch.equal(scaled, (h.float() * weight.float()).half())
+    assert torch.allclose(sumsq[0], h.float().pow(2).sum(-1), rtol=1e-5) and not sumsq[1:].any()
+    out = _poisoned(m, n // 2 if gate_up else n)
+    w4a16_cuda.w4a16_mma_linear(scaled, packed, w4a16_cuda.interleave_gate_up(bias) if gate_up else bias, out=out,
+                                fold=w4a16_cuda.Fold(in_sumsq=sumsq[0], eps=eps))
+    err = _rel_err(out, ref)
+    print(f"mma with the norm folded in, M={m} gate_up={gate_up}: rel err {err:.2e} against norm + projection")
+    assert torch.isfinite(out).all(), "unwritten or non-finite output"
+    assert err < REL_TOL
+
+
+@pytest.mark.parametrize("m", [1, 5, 8, 16])
+@pytest.mark.parametrize("n", [4096, 1000])
+def test_mma_kernel_adding_into_the_residual_stream_prepares_the_next_norm(m, n):
+    """Fold(add_to_out, out_sumsq, next_weight): the residual stream gets the projection added
+    (as fused.add_rms_norm adds: fp16 before and after), bit for bit; the next norm's input
+    h * weight bit for bit, and h's sums of squares added to what the buffer held."""
+    w4a16_cuda = _mma_or_skip()
+    k, g = 2048, 64
+    qw = _weights(n, k, g)
+    packed = w4a16_cuda.MmaWeights.from_rowpacked(qw.qweight, qw.scales, qw.zeros, g)
+    torch.manual_seed(m + n)
+    x = torch.randn(m, k, device="cuda").half()
+    residual = torch.randn(m, n, device="cuda").half()
+    weight = (torch.rand(n, device="cuda") + 0.5).half()
+    projected = w4a16_cuda.w4a16_mma_linear(x, packed)
+    new_residual = (projected.float() + residual.float()).half()
+    sumsq = torch.full((m,), 7.0, device="cuda")
+    scaled = _poisoned(m, n)
+    out = residual.clone()
+    w4a16_cuda.w4a16_mma_linear(x, packed, out=out, fold=w4a16_cuda.Fold(add_to_out=True, out_sumsq=sumsq,
+                                                                           next_weight=weight, scaled=scaled))
+    sums_err = ((sumsq - 7.0 - new_residual.float().pow(2).sum(-1)).abs().max() / new_residual.float().pow(2).sum(-1).min()).item()
+    print(f"mma adding into the residual, M={m} N={n}: sums of squares rel err {sums_err:.1e}")
+    assert torch.equal(out, new_residual)
+    assert torch.equal(scaled, (new_residual.float() * weight.float()).half())
+    assert sums_err < 1e-5
+
+
 def test_mma_layout_is_the_same_on_the_gpu_and_dequantizes_exactly():
     """to_mma_layout on the GPU equals the CPU's; its fp16 dequantization equals the row-packed one bit for bit."""
     from edgellm.engine.kernels.w4a16 import dequantize_fp16

@@ -5,7 +5,8 @@ The model never knows which one it calls. The INT4 layer picks its path once, at
 * CUDA GPU with NVRTC (SM >= 8.0, group size a power of two >= 64): the weights are
   rearranged into the tensor-core kernel's own layout (kernels/w4a16_cuda.py) and every
   call runs that kernel; the fused gate|up projection (gate_up) then also applies
-  SiLU(gate) * up in the kernel (`fuses_silu`, `silu_gate_up`), saving a launch per layer;
+  SiLU(gate) * up in the kernel (`fuses_silu`, `silu_gate_up`), saving a launch per layer,
+  and decode steps fold the RMSNorms into the projections (`folded`, w4a16_cuda.Fold);
 * other CUDA GPUs: the Triton kernels on the engine's row-packed weights (kernels/w4a16.py);
 * CPU (the reference path): a matmul with the dequantized weights, computed once.
 """
@@ -28,6 +29,7 @@ class Int4Linear(nn.Module):
         self.group_size = group_size
         self.gate_up = gate_up
         self.fuses_silu = False  # set by prepare(): silu_gate_up() is the way to call this layer
+        self.fold_rows = 0  # set by prepare(): up to this many rows, folded() takes an RMSNorm in (path "mma")
         groups = in_features // group_size
         self.register_buffer("qweight", torch.empty(out_features, in_features // 8, dtype=torch.int32, device=device))
         self.register_buffer("scales", torch.empty(out_features, groups, dtype=torch.float16, device=device))
@@ -66,6 +68,7 @@ class Int4Linear(nn.Module):
             if self.fuses_silu and self.bias is not None:
                 self.bias = w4a16_cuda.interleave_gate_up(self.bias)
             self.path = "mma"
+            self.fold_rows = w4a16_cuda.MAX_ROWS
         elif self.qweight.is_cuda and kernels.available():
             self.path = "triton"
         else:
@@ -81,6 +84,13 @@ class Int4Linear(nn.Module):
         shape = x.shape
         out = w4a16_mma_linear(x.reshape(-1, shape[-1]), self.mma_weights, self.bias)
         return out.view(*shape[:-1], self.out_features // 2)
+
+    def folded(self, x: torch.Tensor, fold, out: torch.Tensor | None = None) -> torch.Tensor:
+        """x [M, K] with an RMSNorm folded in on either side (w4a16_cuda.Fold; M <= fold_rows):
+        the kernel's output [M, N] (fuses_silu layers: SiLU(gate) * up)."""
+        from edgellm.engine.kernels.w4a16_cuda import w4a16_mma_linear
+
+        return w4a16_mma_linear(x, self.mma_weights, self.bias, out=out, fold=fold)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fuses_silu:

@@ -20,6 +20,7 @@ the CPU runs.
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import torch.nn.functional as F
@@ -116,9 +117,13 @@ class Attention(nn.Module):
                 span: int | None = None) -> torch.Tensor:
         """rope: the (cos, sin) tables [max_seq_len, head_dim], indexed by position; span:
         seq_lens.max() where the caller knows it (reading it from the GPU waits for the GPU)."""
+        return self.wo(self.attend(self.wqkv(x), rope, slots, positions, seq_lens, span))
+
+    def attend(self, qkv, rope, slots, positions, seq_lens, span: int | None = None) -> torch.Tensor:
+        """From the q|k|v projection [B, T, (Hq + 2 Hkv) D] to the attention output [B, T, Hq D]
+        (before the output projection); writes k and v into the cache."""
         c = self.config
-        b, t, _ = x.shape
-        qkv = self.wqkv(x)
+        b, t, _ = qkv.shape
         cache = self.kv_cache
         scale = 1.0 / math.sqrt(c.head_dim)
         if self.kernels is not None:
@@ -127,7 +132,7 @@ class Attention(nn.Module):
             ).view(b, t, c.num_heads, c.head_dim)
             if t == 1:
                 out = self.kernels.decode_attention(q[:, 0], cache.k, cache.v, slots, seq_lens, scale)
-                return self.wo(out.reshape(b, 1, c.q_size))
+                return out.reshape(b, 1, c.q_size)
         else:
             cos, sin = rope[0][positions], rope[1][positions]
             q, k, v = qkv.split([c.q_size, c.kv_size, c.kv_size], dim=-1)
@@ -145,13 +150,13 @@ class Attention(nn.Module):
             # no mask to build (fewer launches, and the flash kernels take it).
             mask, causal = None, True
         else:
-            key_pos = torch.arange(span, device=x.device)
+            key_pos = torch.arange(span, device=qkv.device)
             mask, causal = key_pos[None, None, None, :] <= positions[:, None, :, None], False  # [B, 1, T, span]
         out = F.scaled_dot_product_attention(
             q.transpose(1, 2), keys, values, attn_mask=mask, is_causal=causal, scale=scale,
             enable_gqa=c.num_heads != c.num_kv_heads,
         )
-        return self.wo(out.transpose(1, 2).reshape(b, t, c.q_size))
+        return out.transpose(1, 2).reshape(b, t, c.q_size)
 
 
 class FeedForward(nn.Module):
@@ -186,6 +191,24 @@ class TransformerBlock(nn.Module):
         h, residual = self.ffn_norm(self.attention(h, rope, slots, positions, seq_lens, span), residual)
         return self.feed_forward(h), residual
 
+    def forward_folded(self, h, scaled, sumsq, next_norm, rope, slots, positions, seq_lens, span=None) -> None:
+        """This block with its norms folded into its INT4 projections (see Transformer.folds_norms).
+        h: the residual stream [M, D], updated in place; scaled: h * attention_norm.weight on
+        entry, h * next_norm.weight on exit; sumsq: [3, M] sums of squares of h at this
+        block's two norms and the next one (added to by the projections before them)."""
+        from edgellm.engine.kernels.w4a16_cuda import Fold
+
+        attention, ffn = self.attention, self.feed_forward
+        b, t = positions.shape
+        qkv = attention.wqkv.folded(scaled, Fold(in_sumsq=sumsq[0], eps=self.attention_norm.eps))
+        out = attention.attend(qkv.view(b, t, -1), rope, slots, positions, seq_lens, span)
+        attention.wo.folded(out.view(b * t, -1), Fold(add_to_out=True, out_sumsq=sumsq[1], next_weight=self.ffn_norm.weight,
+                                                       scaled=scaled), out=h)
+        act = ffn.w13.folded(scaled, Fold(in_sumsq=sumsq[1], eps=self.ffn_norm.eps))
+        last = next_norm is None
+        ffn.w2.folded(act, Fold(add_to_out=True, out_sumsq=None if last else sumsq[2],
+                                next_weight=None if last else next_norm.weight, scaled=None if last else scaled), out=h)
+
 
 class Transformer(nn.Module):
     """linear_factory(name, in_features, out_features, bias) builds each projection."""
@@ -212,6 +235,10 @@ class Transformer(nn.Module):
         self.max_seq_len = max_seq_len
         self.rope_cos: torch.Tensor | None = None
         self.rope_sin: torch.Tensor | None = None
+        # Set by use_gpu_kernels where every projection is on the INT4 tensor-core kernel: steps of up
+        # to fold_rows tokens run their norms inside the projections (_folded_layers).
+        self.folds_norms = False
+        self.fold_rows = 0
 
     def setup_caches(self, max_batch: int, dtype: torch.dtype, device) -> None:
         """Preallocate the KV cache (max_batch x max_seq_len) and the rotary tables, once."""
@@ -228,6 +255,13 @@ class Transformer(nn.Module):
         for module in self.modules():
             if isinstance(module, (RMSNorm, Attention, FeedForward)):
                 module.kernels = fused
+        linears = [lin for layer in self.layers for lin in (layer.attention.wqkv, layer.attention.wo,
+                                                            layer.feed_forward.w13, layer.feed_forward.w2)]
+        norms = [n for layer in self.layers for n in (layer.attention_norm, layer.ffn_norm)]
+        self.fold_rows = min(getattr(lin, "fold_rows", 0) for lin in linears)
+        self.folds_norms = (self.fold_rows > 0 and all(layer.feed_forward.w13.fuses_silu for layer in self.layers)
+                            and all(n.weight.dtype == torch.float16 for n in norms)
+                            and os.environ.get("EDGELLM_FOLD_NORMS", "1") != "0")  # 0: for measuring it
 
     def lm_head_weight(self) -> torch.Tensor:
         return self.tok_embeddings.weight if self.output is None else self.output.weight
@@ -245,11 +279,32 @@ class Transformer(nn.Module):
         x = self.tok_embeddings(tokens)
         residual = None
         rope = (self.rope_cos, self.rope_sin)
-        for layer in self.layers:
-            x, residual = layer(x, residual, rope, slots, positions, seq_lens, span)
+        if self.folds_norms and tokens.numel() <= self.fold_rows:
+            x = self._folded_layers(x, rope, slots, positions, seq_lens, span)  # the residual stream, whole
+        else:
+            for layer in self.layers:
+                x, residual = layer(x, residual, rope, slots, positions, seq_lens, span)
         if last_index is not None:
-            x, residual = x.index_select(1, last_index), residual.index_select(1, last_index)
+            x = x.index_select(1, last_index)
+            residual = None if residual is None else residual.index_select(1, last_index)
         elif last_only:
-            x, residual = x[:, -1:], residual[:, -1:]
+            x = x[:, -1:]
+            residual = None if residual is None else residual[:, -1:]
         x, _ = self.norm(x, residual)
         return F.linear(x, self.lm_head_weight()).float()
+
+    def _folded_layers(self, x, rope, slots, positions, seq_lens, span) -> torch.Tensor:
+        """The layers with every RMSNorm folded into the INT4 projections before and after it
+        (w4a16_cuda.Fold): no norm kernel runs between the projections. x: the embeddings
+        [B, T, D]; returns the residual stream after the last layer."""
+        from edgellm.engine.kernels import fused
+
+        b, t, d = x.shape
+        h = x.reshape(b * t, d)  # the residual stream, updated in place by the projections
+        n = len(self.layers)
+        sumsq = torch.empty(2 * n + 1, b * t, dtype=torch.float32, device=x.device)  # each norm's sums of squares
+        scaled = fused.start_folded_norms(h, self.layers[0].attention_norm.weight, sumsq)
+        for i, layer in enumerate(self.layers):
+            next_norm = self.layers[i + 1].attention_norm if i + 1 < n else None
+            layer.forward_folded(h, scaled, sumsq[2 * i:2 * i + 3], next_norm, rope, slots, positions, seq_lens, span)
+        return h.view(b, t, d)

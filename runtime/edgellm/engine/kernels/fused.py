@@ -13,6 +13,8 @@ engine/model.py (float32 arithmetic, one rounding to fp16 at the end):
   projection output, and k, v written into the static KV cache at each token's slot and
   position (decode and prefill alike: one program per token and head).
 * `silu_mul`: SiLU(gate) * up from the fused gate|up projection output.
+* `start_folded_norms`: where the norms are folded into the INT4 projections
+  (w4a16_cuda.Fold), the first norm's input for the first projection.
 
 All take and return fp16 CUDA tensors and allocate nothing but their outputs, so they are
 CUDA-graph capturable. On hosts without Triton the module imports; the functions raise.
@@ -64,6 +66,28 @@ def add_rms_norm(
             **pdl.triton_options(x.device),
         )
     return normed.view(shape), total.view(shape)
+
+
+def start_folded_norms(h: torch.Tensor, weight: torch.Tensor, sumsq: torch.Tensor) -> torch.Tensor:
+    """The start of a decode step whose norms are folded into the INT4 projections
+    (w4a16_cuda.Fold): h [M, D] fp16 is the residual stream (the embeddings), `weight` the
+    first norm's. Returns h * weight (fp16 [M, D]) and writes sumsq[0, m] = sum(h[m]^2)
+    and zero into the rest of sumsq ([norms, M] fp32: the later norms' sums are added up by
+    the projections before them)."""
+    _require_triton()
+    rows, d = h.shape
+    if h.stride(1) != 1 or sumsq.dim() != 2 or sumsq.shape[1] != rows or not sumsq.is_contiguous():
+        raise ValueError(f"expected h [M, D] contiguous in D and sumsq [norms, M] contiguous; got h {tuple(h.shape)}, "
+                         f"sumsq {tuple(sumsq.shape)}")
+    scaled = torch.empty(rows, d, dtype=h.dtype, device=h.device)
+    if rows:
+        block = triton.next_power_of_2(d)
+        _start_folded_norms_kernel[(rows,)](
+            h, weight, scaled, sumsq, d, h.stride(0), rows, sumsq.shape[0],
+            BLOCK=block, BLOCK_NORMS=triton.next_power_of_2(sumsq.shape[0]), num_warps=min(16, max(1, block // 256)),
+            **pdl.triton_options(h.device),
+        )
+    return scaled
 
 
 def rope_and_write_kv(
@@ -147,6 +171,20 @@ if triton is not None:
         inv_rms = tl.rsqrt(tl.sum(xf * xf, axis=0) / D + eps)
         w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
         tl.store(normed_ptr + row * D + cols, (xf * inv_rms * w).to(tl.float16), mask=mask)
+
+    @triton.jit
+    def _start_folded_norms_kernel(h_ptr, w_ptr, scaled_ptr, sumsq_ptr, D, stride_h, M, NORMS,
+                                   BLOCK: tl.constexpr, BLOCK_NORMS: tl.constexpr, PDL: tl.constexpr):
+        pdl.start(PDL)
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.arange(0, BLOCK)
+        mask = cols < D
+        x = tl.load(h_ptr + row * stride_h + cols, mask=mask, other=0.0).to(tl.float32)
+        w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        tl.store(scaled_ptr + row * D + cols, (x * w).to(tl.float16), mask=mask)
+        norms = tl.arange(0, BLOCK_NORMS)
+        sums = tl.where(norms == 0, tl.sum(x * x, axis=0), 0.0)
+        tl.store(sumsq_ptr + norms * M + row, sums, mask=norms < NORMS)
 
     @triton.jit
     def _rope_kv_kernel(qkv_ptr, pos_ptr, slot_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr, v_ptr,

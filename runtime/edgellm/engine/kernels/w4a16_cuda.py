@@ -141,6 +141,18 @@ __device__ __forceinline__ void wait_for_previous_kernel() {
 #endif
 }
 
+// RMSNorm folded into the projections around it (decode; see Fold in the Python below). Null
+// pointers turn each part off.
+//   in_sumsq, eps:  x is the norm's input times the norm's weight; in_sumsq[m] its input's sum
+//                   of squares: out = (x W^T) * rsqrt(in_sumsq[m] / K + eps) (+ bias).
+//   add_to_out:     out is the residual stream: out += the result (fp16 before and after the add).
+//   out_sumsq:      += the sum over n of out[m, n]^2 (the new residual; one atomic per tile and row).
+//   next_weight, scaled, stride_scaled: scaled[m, n] = out[m, n] * next_weight[n] (the next norm's x).
+struct Fold {
+    const float* in_sumsq; float eps; int add_to_out; float* out_sumsq;
+    const u16* next_weight; u16* scaled; long long stride_scaled;
+};
+
 // out[m, n] = sum_k x[m, k] * (q[n, k] - zero[n, k / G]) * scale[n, k / G] (+ bias[n]) for
 // M <= 8 * MB rows of x. Block: the 16 output features of tile blockIdx.x; its warps take
 // equal runs of the K / 128 chunk pairs (one step of the main loop: 1 KB of weights per warp,
@@ -159,7 +171,8 @@ template <int MB, int STAGES, bool SPLIT_GROUP>
 __device__ __forceinline__ void w4a16_mma(
     const u16* __restrict__ x, long long stride_xm, int M, const uint4* __restrict__ qw,
     const uint2* __restrict__ sz, const u16* __restrict__ bias,
-    u16* __restrict__ out, long long stride_om, int N, int K, int gshift, int gate_up, unsigned char* smem)
+    u16* __restrict__ out, long long stride_om, int N, int K, int gshift, int gate_up, const Fold& fold,
+    unsigned char* smem)
 {
     constexpr int SZ = SPLIT_GROUP ? 2 : 1;  // scale/zero words per lane and pair
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, warps = blockDim.x >> 5;
@@ -192,6 +205,18 @@ __device__ __forceinline__ void w4a16_mma(
     }
     wait_for_previous_kernel();  // x and out belong to the kernels around this one
     let_next_kernel_start();
+    if (warp == 0) {  // the epilogue's inputs into L1 now, so that its loads do not wait on L2 at the end
+#pragma unroll
+        for (int mb = 0; mb < MB; ++mb) {
+            const int m = 8 * mb + 2 * t + (g & 1);
+            if (g < 2 && m < M) {
+                if (fold.in_sumsq != 0) prefetch_l1(fold.in_sumsq + m);
+                if (fold.add_to_out) prefetch_l1(out + m * stride_om + tile * 16);
+            }
+        }
+        if (lane == 8 && bias != 0) prefetch_l1(bias + tile * 16);
+        if (lane == 9 && fold.next_weight != 0) prefetch_l1(fold.next_weight + tile * 16);
+    }
 
     // x[g + 8 mb][128 p_begin + 16 t ..] as 16-byte vectors: pair i, chunk h at xr[mb] + 16 i + 8 h.
     // Rows past M read row M - 1 (their sums are never stored): no predicates in the loop.
@@ -285,6 +310,18 @@ __device__ __forceinline__ void w4a16_mma(
                 for (int r = 0; r < 4; ++r) acc[mb][r] += red[((w - 1) * 4 * MB + 4 * mb + r) * 32 + lane];
     }
     // C fragment: acc[mb][r] is output (row 16 tile + g + 8 (r / 2), x row 8 mb + 2 t + r % 2).
+    if (fold.in_sumsq != 0) {
+        // x is RMSNorm's input times its weight (see Fold): the norm's 1 / rms scales the sums.
+#pragma unroll
+        for (int mb = 0; mb < MB; ++mb)
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+                const int m = 8 * mb + 2 * t + e;
+                const float inv_rms = m < M ? rsqrtf(fold.in_sumsq[m] / (float)K + fold.eps) : 0.f;
+                acc[mb][e] *= inv_rms;
+                acc[mb][2 + e] *= inv_rms;
+            }
+    }
     if (gate_up) {
         // Rows interleaved at load (interleave_gate_up): row g of the tile is the gate of feature
         // 8 tile + g, row g + 8 its up. The lane holds both for x rows 2 t, 2 t + 1 and writes
@@ -307,26 +344,63 @@ __device__ __forceinline__ void w4a16_mma(
             }
         return;
     }
+    // All loads first (one round trip), then the arithmetic and the stores.
+    float bias_v[2] = {0.f, 0.f}, next_weight[2] = {0.f, 0.f}, residual[MB][4];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        const int row = tile * 16 + g + 8 * h;
+        if (row < N && bias != 0) bias_v[h] = half_to_float(load_half(bias + row));
+        if (row < N && fold.next_weight != 0) next_weight[h] = half_to_float(load_half(fold.next_weight + row));
+    }
 #pragma unroll
     for (int mb = 0; mb < MB; ++mb)
 #pragma unroll
         for (int r = 0; r < 4; ++r) {
             const int row = tile * 16 + g + 8 * (r >> 1), m = 8 * mb + 2 * t + (r & 1);
+            residual[mb][r] = fold.add_to_out && row < N && m < M ? half_to_float(out[m * stride_om + row]) : 0.f;
+        }
+    float squares[MB][2];  // (fold.out_sumsq) this lane's share of x row 8 mb + 2 t + e's sum of squares
+#pragma unroll
+    for (int mb = 0; mb < MB; ++mb)
+#pragma unroll
+        for (int r = 0; r < 4; ++r) {
+            const int row = tile * 16 + g + 8 * (r >> 1), m = 8 * mb + 2 * t + (r & 1);
+            if (r < 2) squares[mb][r] = 0.f;
             if (row < N && m < M) {
-                float v = acc[mb][r];
-                if (bias != 0) v += half_to_float(load_half(bias + row));
-                out[m * stride_om + row] = float_to_half(v);
+                u16 result = float_to_half(acc[mb][r] + bias_v[r >> 1]);
+                if (fold.add_to_out)  // the residual stream: rounded to fp16 before and after the add
+                    result = float_to_half(half_to_float(result) + residual[mb][r]);
+                out[m * stride_om + row] = result;
+                const float f = half_to_float(result);
+                squares[mb][r & 1] += f * f;
+                if (fold.next_weight != 0) fold.scaled[m * fold.stride_scaled + row] = float_to_half(f * next_weight[r >> 1]);
             }
         }
+    if (fold.out_sumsq != 0) {  // sum the tile's 16 rows (lanes t, t + 4, .., t + 28), one atomic per x row
+#pragma unroll
+        for (int mb = 0; mb < MB; ++mb)
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+                float s = squares[mb][e];
+                s += __shfl_xor_sync(0xffffffffu, s, 4);
+                s += __shfl_xor_sync(0xffffffffu, s, 8);
+                s += __shfl_xor_sync(0xffffffffu, s, 16);
+                const int m = 8 * mb + 2 * t + e;
+                if (g == 0 && m < M) atomicAdd(fold.out_sumsq + m, s);
+            }
+    }
 }
 
 #define MMA_ENTRY(NAME, MB, STAGES, SPLIT_GROUP, MIN_BLOCKS)                                              \
     extern "C" __global__ void __launch_bounds__(256, MIN_BLOCKS) NAME(                                   \
         const u16* x, long long stride_xm, int M, const uint4* qw, const uint2* sz,                       \
-        const u16* bias, u16* out, long long stride_om, int N, int K, int gshift, int gate_up) {          \
+        const u16* bias, u16* out, long long stride_om, int N, int K, int gshift, int gate_up,            \
+        const float* in_sumsq, float eps, int add_to_out, float* out_sumsq, const u16* next_weight,       \
+        u16* scaled, long long stride_scaled) {                                                           \
         extern __shared__ __align__(16) unsigned char smem[];                                             \
+        const Fold fold{in_sumsq, eps, add_to_out, out_sumsq, next_weight, scaled, stride_scaled};        \
         w4a16_mma<MB, STAGES, SPLIT_GROUP>(x, stride_xm, M, qw, sz, bias, out, stride_om, N, K, gshift,   \
-                                           gate_up, smem);                                                \
+                                           gate_up, fold, smem);                                          \
     }
 // The entries (w4a16_mma_mb<MB>_s<STAGES>[_g64]) are listed by compile_cubin: see ENTRIES.
 
@@ -672,14 +746,68 @@ def shared_bytes(config: MmaConfig, mb: int, split_group: bool) -> int:
     return ring + (config.warps - 1) * 4 * mb * 32 * 4
 
 
+@dataclasses.dataclass
+class Fold:
+    """RMSNorm folded into the projections on either side of it (decode, up to MAX_ROWS rows).
+
+    RMSNorm(h) * weight @ W^T = (h * weight) @ W^T * rsqrt(mean(h^2) + eps): the projection
+    after a norm takes `scaled` = h * weight (fp16) and each row's sum of squares of h, and
+    scales its sums by the rsqrt (`in_sumsq`, `eps`). The projection before a norm adds its
+    result into the residual stream h (`add_to_out`: `out` is h, updated in place), and
+    writes what the next one needs: h * the next norm's weight (`next_weight` -> `scaled`)
+    and h's sums of squares (`out_sumsq`, added to: it must start at zero). No norm kernel
+    runs between the two. Rounding: h * weight is rounded to fp16 where the norm rounds
+    h * rsqrt(..) * weight; both are one fp16 rounding of the same product up to a row factor."""
+
+    in_sumsq: torch.Tensor | None = None  # [M] fp32
+    eps: float = 0.0
+    add_to_out: bool = False
+    out_sumsq: torch.Tensor | None = None  # [M] fp32
+    next_weight: torch.Tensor | None = None  # [N] fp16
+    scaled: torch.Tensor | None = None  # [M, N] fp16
+
+    def check(self, m: int, n: int, gate_up: bool) -> None:
+        for name in ("in_sumsq", "out_sumsq"):
+            t = getattr(self, name)
+            if t is not None and (t.dtype != torch.float32 or t.numel() < m or not t.is_contiguous()):
+                raise ValueError(f"Fold.{name} must be a contiguous fp32 tensor of >= {m} rows")
+        if (self.next_weight is None) != (self.scaled is None):
+            raise ValueError("Fold.next_weight and Fold.scaled go together")
+        if self.next_weight is not None and (self.next_weight.dtype != torch.float16 or self.next_weight.shape != (n,)
+                                             or self.scaled.shape != (m, n) or self.scaled.stride(1) != 1):
+            raise ValueError(f"Fold.next_weight must be fp16 [{n}] and Fold.scaled fp16 [{m}, {n}]")
+        if gate_up and (self.add_to_out or self.out_sumsq is not None or self.next_weight is not None):
+            raise ValueError("a gate|up projection's output (SiLU(gate) * up) feeds no norm")
+
+    def args(self) -> tuple:
+        def ptr(t):
+            return 0 if t is None else t.data_ptr()
+
+        return (ptr(self.in_sumsq), self.eps, int(self.add_to_out), ptr(self.out_sumsq), ptr(self.next_weight),
+                ptr(self.scaled), 0 if self.scaled is None else self.scaled.stride(0))
+
+
+_NO_FOLD = Fold()
+_FOLD_TYPES = (ctypes.c_void_p, ctypes.c_float, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+               ctypes.c_longlong)
+
+
 def w4a16_mma_linear(x: torch.Tensor, w: MmaWeights, bias: torch.Tensor | None = None,
-                     out: torch.Tensor | None = None, config: MmaConfig | None = None) -> torch.Tensor:
+                     out: torch.Tensor | None = None, config: MmaConfig | None = None,
+                     fold: Fold | None = None) -> torch.Tensor:
     """x [M, K] fp16 @ dequant(W)^T (+ bias) -> [M, N] fp16 (w.gate_up: SiLU(gate) * up, [M, N / 2];
     bias interleaved as the rows). Up to 16 rows per launch, up to SLICED_ROWS as slices of 16;
-    more rows dequantize to fp16 once and call cuBLAS."""
+    more rows dequantize to fp16 once and call cuBLAS. fold: a norm folded in (see Fold; up to
+    MAX_ROWS rows, `out` given when it adds into it)."""
     m, k = x.shape
     if k != w.k:
         raise ValueError(f"x has {k} in-features, the weight has {w.k}")
+    if fold is not None:
+        if m > MAX_ROWS:
+            raise ValueError(f"a folded norm runs in one launch: up to {MAX_ROWS} rows, got {m}")
+        if fold.add_to_out and out is None:
+            raise ValueError("Fold.add_to_out adds into `out`: pass it")
+        fold.check(m, w.n, w.gate_up)
     if out is None:
         out = torch.empty(m, w.n // 2 if w.gate_up else w.n, dtype=torch.float16, device=x.device)
     if m == 0:
@@ -708,10 +836,10 @@ def w4a16_mma_linear(x: torch.Tensor, w: MmaWeights, bias: torch.Tensor | None =
                 shared_bytes(config, mb, split_group),
                 (xs.data_ptr(), xs.stride(0), rows, w.qweight.data_ptr(), w.scale_zero.data_ptr(),
                  0 if bias is None else bias.data_ptr(), outs.data_ptr(), outs.stride(0), w.n, k, gshift,
-                 int(w.gate_up)),
+                 int(w.gate_up)) + (fold or _NO_FOLD).args(),
                 (ctypes.c_void_p, ctypes.c_longlong, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
                  ctypes.c_void_p, ctypes.c_void_p, ctypes.c_longlong, ctypes.c_int, ctypes.c_int, ctypes.c_int,
-                 ctypes.c_int),
+                 ctypes.c_int) + _FOLD_TYPES,
                 early_start)
     return out
 
