@@ -28,7 +28,7 @@ for step in "$@"; do
     echo "=== $step ($(date +%T))"
     case $step in
     tests)
-        files=$(ls tests/test_kernels_gpu.py tests/test_engine_hf.py tests/test_engine_gpu.py tests/test_weights.py \
+        files=$(ls tests/test_kernels_gpu.py tests/test_attention_gpu.py tests/test_engine_hf.py tests/test_engine_gpu.py tests/test_weights.py \
             tests/test_doctor.py 2>/dev/null)
         timeout 300 python3 -m pytest -q -p no:cacheprovider -m gpu -rs $files -s 2>&1 | tee "$OUT/gpu-tests.txt" \
             | grep -E "rel err|relative|error|passed|failed|FAIL|ok |tokens" | tail -60

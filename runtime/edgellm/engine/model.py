@@ -96,6 +96,10 @@ class KVCache(nn.Module):
         shape = (max_batch, n_kv_heads, max_seq_len, head_dim)
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        # The GPU decode attention's per-(row, kv head) counters (kernels/decode_attention.py): zero
+        # between its launches, which leave them so.
+        self.register_buffer("merge_counters", torch.zeros(max_batch * n_kv_heads, dtype=torch.int32, device=device),
+                             persistent=False)
 
     def write(self, slots: torch.Tensor, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """k, v: [B, T, Hkv, D] for tokens at positions [B, T] of rows slots [B]."""
@@ -127,12 +131,13 @@ class Attention(nn.Module):
         cache = self.kv_cache
         scale = 1.0 / math.sqrt(c.head_dim)
         if self.kernels is not None:
+            if t == 1:  # decode: rotary embedding, KV write and attention in one kernel
+                out = self.kernels.decode_attention_rope(qkv.view(b, -1), positions, slots, *rope, cache.k, cache.v,
+                                                         c.num_heads, c.num_kv_heads, scale, cache.merge_counters)
+                return out.reshape(b, 1, c.q_size)
             q = self.kernels.rope_and_write_kv(
                 qkv.view(b * t, -1), positions, slots, *rope, cache.k, cache.v, c.num_heads, c.num_kv_heads,
             ).view(b, t, c.num_heads, c.head_dim)
-            if t == 1:
-                out = self.kernels.decode_attention(q[:, 0], cache.k, cache.v, slots, seq_lens, scale)
-                return out.reshape(b, 1, c.q_size)
         else:
             cos, sin = rope[0][positions], rope[1][positions]
             q, k, v = qkv.split([c.q_size, c.kv_size, c.kv_size], dim=-1)
