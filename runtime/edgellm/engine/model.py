@@ -13,8 +13,11 @@ share one code path.
 On CUDA the runner calls `use_gpu_kernels()`: the small operations between the projections
 (residual add + RMSNorm, rotary embedding + KV-cache write, SiLU * up) then run as fused
 Triton kernels (engine/kernels/fused.py; an INT4 gate|up projection on the tensor-core kernel
-applies SiLU * up itself) and decode attention reads only the live part of each cache row. The PyTorch code below is the reference they are tested against, and what
-the CPU runs.
+applies SiLU * up itself), and a decode step's attention is one kernel per layer (rotary
+embedding, KV write, attention over only the live part of each cache row). Where every
+projection is on the INT4 tensor-core kernel, steps of up to 16 tokens also fold each RMSNorm
+into the projections on either side of it (`_folded_layers`, w4a16_cuda.Fold). The PyTorch
+code below is the reference they are tested against, and what the CPU runs.
 """
 
 from __future__ import annotations
