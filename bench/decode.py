@@ -7,7 +7,9 @@ Hugging Face transformers FP16, side by side in one run.
 For each shape (Llama-3.2-1B, Llama-3.1-8B; random weights at the published configs):
   - measured copy bandwidth (device-to-device, bytes read + written)
   - decode tokens/s at batch 1, 2, 4, 8 with 512 tokens of context, and % of roofline,
-    where the floor of one step = (weight bytes read + KV bytes read) / bandwidth
+    where the floor of one step = (weight bytes read + KV bytes read) / bandwidth; each step
+    is the serving loop's (greedy sampling, every token read back to the host, the host one
+    step behind the GPU as in the daemon's scheduler)
   - TTFT for 128, 512, 2048-token prompts
   - process start to warm (a fresh subprocess: import, verify, load, graph capture)
   - peak GPU memory
@@ -94,7 +96,7 @@ def cuda_time(fn, repeat: int) -> list[float]:
 
 
 def bench_engine(engine, bandwidth: float, seed: int = 0) -> dict:
-    from edgellm.engine.sampling import SamplingParams, Sampler, sample_batch
+    from edgellm.engine.sampling import SamplingParams, Sampler
 
     g = torch.Generator().manual_seed(seed)
     vocab = engine.config.vocab_size
@@ -105,15 +107,19 @@ def bench_engine(engine, bandwidth: float, seed: int = 0) -> dict:
         for slot in range(b):
             engine.prefill(slot, torch.randint(3, vocab, (CONTEXT,), generator=g).tolist())
         samplers = [Sampler(SamplingParams(), vocab, engine.device, [1]) for _ in range(b)]
-        tokens = [5] * b
+        rows = list(range(b))
 
         def steps(n=DECODE_STEPS):
-            nonlocal tokens
-            for i in range(n):
-                # Every step reads CONTEXT tokens of KV: positions stay at CONTEXT (the step is
-                # re-run at the same position), so each measured step has the same floor.
-                logits = engine.decode(list(range(b)), tokens, [CONTEXT] * b)
-                tokens = sample_batch(logits, samplers)
+            # The serving loop's steady state (scheduler._step): step i + 1 starts from step i's
+            # sampled tokens, then step i's tokens are read. Every step reads CONTEXT tokens of KV:
+            # positions stay at CONTEXT (the step is re-run at the same position), so each
+            # measured step has the same floor.
+            pending = engine.decode_sample(rows, rows, [5] * b, [CONTEXT] * b, samplers)
+            for i in range(n - 1):
+                following = engine.decode_sample(rows, rows, pending.tokens, [CONTEXT] * b, samplers)
+                pending.result()
+                pending = following
+            pending.result()
 
         steps(8)
         per_step = [t / DECODE_STEPS for t in cuda_time(steps, 5)]
@@ -126,7 +132,7 @@ def bench_engine(engine, bandwidth: float, seed: int = 0) -> dict:
 
 
 def bench_ttft(engine) -> list[dict]:
-    from edgellm.engine.sampling import SamplingParams, Sampler, sample_batch
+    from edgellm.engine.sampling import SamplingParams, Sampler
 
     out = []
     g = torch.Generator().manual_seed(1)

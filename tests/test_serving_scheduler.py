@@ -7,9 +7,9 @@ import threading
 
 import pytest
 
-from edgellm.engine.generate import generate
+from edgellm.engine.generate import Sequence, generate
 from edgellm.engine.runner import Engine
-from edgellm.engine.sampling import SamplingParams
+from edgellm.engine.sampling import SamplingParams, sample_batch
 from edgellm.serving.scheduler import Chunk, Failure, Prompt, Rejected, Scheduler, SwapError
 
 PROMPTS = ["apple blue", "river window", "kiosk garden lamp", "music stone", "train cloud", "seven apples and a river"]
@@ -56,6 +56,34 @@ def first_chunk(request) -> Chunk:
     event = request.events.get(timeout=60)
     assert isinstance(event, Chunk), event
     return event
+
+
+def step_by_step(engine, prompts, params):
+    """The decode loop without a step in flight: each step's tokens read before the next starts."""
+    seqs = [Sequence.start(engine, p, sp) for p, sp in zip(prompts, params)]
+    for slot, seq in enumerate(seqs):
+        seq.accept(sample_batch(engine.prefill(slot, seq.prompt_ids)[None], [seq.sampler])[0], engine.eos_ids)
+    while live := [i for i, s in enumerate(seqs) if s.finish_reason is None]:
+        logits = engine.decode(live, [seqs[i].output_ids[-1] for i in live], [seqs[i].length - 1 for i in live])
+        for i, token in zip(live, sample_batch(logits, [seqs[i].sampler for i in live])):
+            seqs[i].accept(token, engine.eos_ids)
+    return [(s.output_ids, s.finish_reason) for s in seqs]
+
+
+def test_decode_one_step_ahead_gives_the_tokens_of_step_by_step_decode(engines):
+    """generate() (and the scheduler) start step N + 1 from step N's tokens before reading them;
+    rows ending at different steps (max tokens, a stop string) and sampled rows (temperature,
+    top-k, repetition penalty, seeds) give exactly the tokens of the plain loop, and the max
+    sequence length is never passed."""
+    engine = load(engines[0])
+    prompts = [engine.tokenizer.encode(p) for p in PROMPTS[:4]]
+    params = [SamplingParams(max_new_tokens=5), SamplingParams(max_new_tokens=17, temperature=0.8, top_k=30, seed=3),
+              SamplingParams(max_new_tokens=11, repetition_penalty=1.3, seed=4),
+              SamplingParams(max_new_tokens=engine.max_seq_len - len(prompts[3]), temperature=1.2, seed=5)]
+    want = step_by_step(engine, prompts, params)
+    got = [(r.token_ids, r.finish_reason) for r in generate(engine, prompts, params)]
+    assert [len(ids) for ids, _ in want][:3] == [5, 17, 11]
+    assert got == want
 
 
 def test_chunked_prefill_gives_the_tokens_of_edgellm_run(engines):

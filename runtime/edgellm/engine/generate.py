@@ -89,12 +89,29 @@ class BatchGeneration:
             delta = seq.accept(sample_batch(logits[None], [seq.sampler])[0], engine.eos_ids)
             if delta:
                 yield slot, delta
-        while live := [i for i, s in enumerate(seqs) if s.finish_reason is None]:
-            logits = engine.decode(live, [seqs[i].output_ids[-1] for i in live], [seqs[i].length - 1 for i in live])
-            for i, token in zip(live, sample_batch(logits, [seqs[i].sampler for i in live])):
-                delta = seqs[i].accept(token, engine.eos_ids)
-                if delta:
-                    yield i, delta
+        # Decode with the host one step behind the GPU, as the daemon's scheduler does
+        # (Engine.decode_sample): step N + 1 starts from step N's tokens before they are read.
+        pending = None
+        while True:
+            live = [i for i, s in enumerate(seqs) if s.finish_reason is None]
+            following = None
+            if pending is not None and live:
+                positions = [seqs[i].length for i in live]
+                if pending.continues(live, positions, engine.max_seq_len):
+                    following = engine.decode_sample(live, live, pending.tokens, positions, [seqs[i].sampler for i in live])
+            if pending is not None:
+                for i, token in zip(pending.rows, pending.result()):
+                    if seqs[i].finish_reason is None:  # else it ended at the step before: a token to drop
+                        delta = seqs[i].accept(token, engine.eos_ids)
+                        if delta:
+                            yield i, delta
+            if following is None:
+                live = [i for i, s in enumerate(seqs) if s.finish_reason is None]
+                if not live:
+                    break
+                following = engine.decode_sample(live, live, [seqs[i].output_ids[-1] for i in live],
+                                                 [seqs[i].length - 1 for i in live], [seqs[i].sampler for i in live])
+            pending = following
         self.results = [Result(s.output_ids, s.decoder.text, s.finish_reason, len(s.prompt_ids)) for s in seqs]
 
 

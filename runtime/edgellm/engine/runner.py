@@ -7,9 +7,10 @@ which slot and where each sequence stands (its position).
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -19,6 +20,7 @@ from edgellm.engine.kernels import available as kernels_available, start_hashing
 from edgellm.engine.linear import Int4Linear, dense_linear
 from edgellm.engine.manifest import CPU_TARGET, Manifest, read_manifest, verify_files
 from edgellm.engine.model import Transformer
+from edgellm.engine.sampling import Sampler, sample_tokens
 from edgellm.engine.weights import WEIGHTS_NAME, load_weights
 from edgellm.errors import EngineFormatError, RequestError
 
@@ -48,6 +50,29 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+@dataclasses.dataclass
+class PendingTokens:
+    """The tokens one decode step sampled (Engine.decode_sample), on their way to the host.
+    `tokens` stays on the GPU: a next step can take them as its input before the host has
+    read them, so the host's work between steps overlaps the GPU's (see decode_sample)."""
+
+    tokens: torch.Tensor  # int64 [B], on the engine's device
+    rows: list  # the caller's handles of the B rows (compared with ==: ids, or objects equal only to themselves)
+    _host: torch.Tensor  # where `tokens` are copied for the host (pinned on CUDA)
+    _copied: torch.cuda.Event | None
+
+    def result(self) -> list[int]:
+        """The tokens as ints: waits for the step (and only for it)."""
+        if self._copied is not None:
+            self._copied.synchronize()
+        return self._host.tolist()
+
+    def continues(self, rows: list, positions: list[int], max_seq_len: int) -> bool:
+        """Whether the next step can take these tokens as its input before they are read: the
+        same rows in the same order, each with a position left."""
+        return rows == self.rows and all(p < max_seq_len for p in positions)
+
+
 class Engine:
     def __init__(self, engine_dir: Path, manifest: Manifest, model: Transformer, tokenizer, device: torch.device):
         self.engine_dir = Path(engine_dir)
@@ -65,7 +90,11 @@ class Engine:
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._graph_logits: dict[int, torch.Tensor] = {}
         self._static_inputs: torch.Tensor | None = None  # int64 [3, max_batch]: tokens, positions, slots
-        self._host_inputs: torch.Tensor | None = None  # pinned mirror, so a step allocates nothing on the host
+        # Pinned mirrors [2, 3, max_batch], used in turn (so a step allocates nothing on the host, and
+        # a step may be prepared while the previous one's inputs are still being copied).
+        self._host_inputs: torch.Tensor | None = None
+        self._host_tokens: torch.Tensor | None = None  # pinned [2, max_batch]: sampled tokens, in turn
+        self._turn = 0
         # CUDA-graph prefill: one graph per padded prompt length (PREFILL_GRAPH_TOKENS).
         self._prefill_graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._prefill_logits: dict[int, torch.Tensor] = {}
@@ -187,29 +216,63 @@ class Engine:
         return self.model(tokens, positions, slots, seq_lens, span=start_pos + n)[0, -1]
 
     @torch.inference_mode()
-    def decode(self, slots: list[int], token_ids: list[int], positions: list[int]) -> torch.Tensor:
+    def decode(self, slots: list[int], token_ids: Sequence[int] | torch.Tensor, positions: list[int]) -> torch.Tensor:
         """One new token per slot, token_ids[i] sitting at positions[i]; returns logits [B, V].
+        token_ids may be an int64 tensor on the device (a previous step's sampled tokens).
 
         With graphs captured (CUDA, after warm_up) the result is the graph's static output
-        buffer: read it before the next decode call.
+        buffer: read it before the next decode call. Inputs go through one of two pinned
+        buffers in turn: a step's results must be read (or the stream synchronized) before
+        the step after the next one is started.
         """
         b = len(slots)
+        on_device = isinstance(token_ids, torch.Tensor)
+        self._turn ^= 1  # this step's pinned buffers (decode_sample's too)
         graph = self._graphs.get(b)
         if graph is not None:
-            host = self._host_inputs.numpy()
-            host[0, :b] = token_ids
+            host_all = self._host_inputs[self._turn]
+            host = host_all.numpy()
             host[1, :b] = positions
             host[2, :b] = slots
-            # Safe to reuse the pinned buffer: the previous step's tokens were read back already.
-            self._static_inputs[:, :b].copy_(self._host_inputs[:, :b], non_blocking=True)
+            if on_device:
+                self._static_inputs[1:, :b].copy_(host_all[1:, :b], non_blocking=True)
+                self._static_inputs[0, :b].copy_(token_ids)
+            else:
+                host[0, :b] = token_ids
+                self._static_inputs[:, :b].copy_(host_all[:, :b], non_blocking=True)
             graph.replay()
             return self._graph_logits[b]
         dev = self.device
-        tokens = torch.tensor(token_ids, dtype=torch.long, device=dev)[:, None]
+        if on_device:
+            tokens = token_ids.view(b, 1)
+        else:
+            tokens = torch.tensor(token_ids, dtype=torch.long, device=dev)[:, None]
         pos = torch.tensor(positions, dtype=torch.long, device=dev)[:, None]
         slot_t = torch.tensor(slots, device=dev)
         seq_lens = (pos[:, 0] + 1).to(torch.int32)
         return self.model(tokens, pos, slot_t, seq_lens, span=max(positions) + 1)[:, -1]
+
+    def decode_sample(self, rows: list, slots: list[int], token_ids: Sequence[int] | torch.Tensor,
+                      positions: list[int], samplers: list[Sampler]) -> PendingTokens:
+        """decode() and sampling, without waiting for the GPU: the tokens come back as
+        PendingTokens (rows: the caller's handles of the batch rows, kept with them).
+
+        The serving loop keeps the host one step behind the GPU: it starts step N + 1 with
+        step N's `tokens` (PendingTokens.continues) and only then reads step N's tokens, so the
+        host's work between steps (reading tokens, detokenizing, streaming, the next launch)
+        runs while the GPU computes. A row that turns out to have finished at step N gets one
+        more token computed at step N + 1, which the caller drops."""
+        logits = self.decode(slots, token_ids, positions)
+        tokens = sample_tokens(logits, samplers)
+        if self.device.type != "cuda":
+            return PendingTokens(tokens, rows, tokens, None)
+        if self._host_tokens is None:
+            self._host_tokens = torch.zeros(2, self.max_batch, dtype=torch.long).pin_memory()
+        host = self._host_tokens[self._turn, :len(slots)]  # the turn decode() took: read before it comes round again
+        host.copy_(tokens, non_blocking=True)
+        copied = torch.cuda.Event()
+        copied.record()
+        return PendingTokens(tokens, rows, host, copied)
 
     @torch.inference_mode()
     def score(self, token_ids: list[int], slot: int = 0) -> torch.Tensor:
@@ -283,7 +346,7 @@ class Engine:
         n = self.max_batch
         self._static_inputs = torch.zeros(3, n, dtype=torch.long, device=dev)
         self._static_inputs[2] = torch.arange(n, device=dev)  # valid slots while capturing
-        self._host_inputs = torch.zeros(3, n, dtype=torch.long).pin_memory()
+        self._host_inputs = torch.zeros(2, 3, n, dtype=torch.long).pin_memory()
         for b in range(n, 0, -1):  # largest first, so smaller graphs reuse its pool memory
             tokens = self._static_inputs[0, :b].view(b, 1)
             positions = self._static_inputs[1, :b].view(b, 1)
@@ -296,6 +359,8 @@ class Engine:
             self._graphs[b], self._graph_logits[b] = self._capture(step, pool)
 
     def free(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # a decode step may still be in flight (decode_sample)
         self._graphs.clear()
         self._graph_logits.clear()
         self._prefill_graphs.clear()

@@ -79,12 +79,16 @@ class Sampler:
         return token
 
 
+def sample_tokens(logits: torch.Tensor, samplers: list[Sampler]) -> torch.Tensor:
+    """One token per row of [B, V] logits -> int64 [B] on the logits' device (no host sync)."""
+    if all(s.greedy and s.seen is None for s in samplers):
+        return greedy_tokens(logits)
+    return torch.stack([s.next_token(logits[i]) for i, s in enumerate(samplers)])
+
+
 def sample_batch(logits: torch.Tensor, samplers: list[Sampler]) -> list[int]:
     """One token per row; a single device-to-host copy for the whole batch."""
-    if all(s.greedy and s.seen is None for s in samplers):
-        return greedy_tokens(logits).tolist()
-    tokens = torch.stack([s.next_token(logits[i]) for i, s in enumerate(samplers)])
-    return tokens.tolist()
+    return sample_tokens(logits, samplers).tolist()
 
 
 def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:

@@ -32,7 +32,7 @@ import time
 from typing import Callable, Union
 
 from edgellm.engine.generate import Sequence
-from edgellm.engine.runner import Engine
+from edgellm.engine.runner import Engine, PendingTokens
 from edgellm.engine.sampling import SamplingParams, sample_batch
 from edgellm.errors import EdgeLLMError, RequestError
 
@@ -176,6 +176,7 @@ class EngineSlots:
         self.version = version
         self.slots: list[Request | None] = [None] * engine.max_batch
         self.freed = False
+        self.pending: PendingTokens | None = None  # the decode step in flight, its tokens not yet read
 
     def busy(self) -> list[Request]:
         return [r for r in self.slots if r is not None]
@@ -567,21 +568,36 @@ class Scheduler:
         self.metrics.request_admitted(request.admitted_at - request.arrived, len(request.prompt_ids))
 
     def _step(self, group: EngineSlots) -> None:
+        """Prefill chunks, then one decode step for the group's live requests. The host stays one
+        step behind the GPU: when the requests of the step in flight (N) are the ones to advance,
+        step N + 1 is started with N's tokens while they are still on the GPU, and N's tokens are
+        read, detokenized and streamed while the GPU computes N + 1 (Engine.decode_sample). A
+        request that turns out to end at N gets a token from N + 1 too, which is dropped."""
         engine = group.engine
         try:
             for request in group.busy():
                 if request.seq is not None and not request.finished and request.prefilled < len(request.prompt_ids):
                     self._prefill_chunk(engine, request)
-            live = [r for r in group.busy()
-                    if r.seq is not None and not r.finished and r.seq.finish_reason is None
-                    and r.prefilled == len(r.prompt_ids)]
-            if live:
-                logits = engine.decode([r.slot for r in live], [r.seq.output_ids[-1] for r in live],
-                                       [r.seq.length - 1 for r in live])
-                for request, token in zip(live, sample_batch(logits, [r.seq.sampler for r in live])):
-                    self._accept(engine, request, token)
+            live = self._live(group)
+            pending, group.pending = group.pending, None
+            if pending is not None and live:
+                positions = [r.seq.length for r in live]  # one past the tokens step N took
+                if pending.continues(live, positions, engine.max_seq_len):
+                    group.pending = engine.decode_sample(live, [r.slot for r in live], pending.tokens, positions,
+                                                         [r.seq.sampler for r in live])
+            if pending is not None:
+                for request, token in zip(pending.rows, pending.result()):
+                    if not request.finished and request.seq.finish_reason is None:
+                        self._accept(engine, request, token)
+            if group.pending is None and (live := self._live(group)):
+                group.pending = engine.decode_sample(live, [r.slot for r in live], [r.seq.output_ids[-1] for r in live],
+                                                     [r.seq.length - 1 for r in live], [r.seq.sampler for r in live])
+            if group.pending is not None and not any(self._is_live(r) for r in group.pending.rows):
+                group.pending.result()  # every row of the step in flight has ended: nothing to chain to it
+                group.pending = None
         except Exception as e:  # an engine step failed: its requests cannot go on, the daemon can
             log.exception("engine %s step failed", engine.engine_id)
+            group.pending = None
             for request in group.busy():
                 request.finish(Failure("INTERNAL", f"engine {engine.engine_id} failed a step: {e}"), "INTERNAL")
         with self._lock:
@@ -589,6 +605,15 @@ class Scheduler:
                 if request is not None and request.finished:
                     group.slots[i] = None
             self._wake.notify_all()
+
+    @staticmethod
+    def _is_live(request: Request) -> bool:
+        return (request.seq is not None and not request.finished and request.seq.finish_reason is None
+                and request.prefilled == len(request.prompt_ids))
+
+    def _live(self, group: EngineSlots) -> list[Request]:
+        """The group's requests that decode this step (admitted, prefilled, not ended)."""
+        return [r for r in group.busy() if self._is_live(r)]
 
     def _prefill_chunk(self, engine: Engine, request: Request) -> None:
         start = request.prefilled
