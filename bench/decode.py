@@ -132,7 +132,7 @@ def bench_engine(engine, bandwidth: float, seed: int = 0) -> dict:
 
 
 def bench_ttft(engine) -> list[dict]:
-    from edgellm.engine.sampling import SamplingParams, Sampler
+    from edgellm.engine.sampling import SamplingParams, Sampler, sample_batch
 
     out = []
     g = torch.Generator().manual_seed(1)
