@@ -107,16 +107,16 @@ def bench_engine(engine, bandwidth: float, seed: int = 0) -> dict:
         for slot in range(b):
             engine.prefill(slot, torch.randint(3, vocab, (CONTEXT,), generator=g).tolist())
         samplers = [Sampler(SamplingParams(), vocab, engine.device, [1]) for _ in range(b)]
-        rows = list(range(b))
+        seqs = list(range(b))
 
         def steps(n=DECODE_STEPS):
             # The serving loop's steady state (scheduler._step): step i + 1 starts from step i's
             # sampled tokens, then step i's tokens are read. Every step reads CONTEXT tokens of KV:
             # positions stay at CONTEXT (the step is re-run at the same position), so each
             # measured step has the same floor.
-            pending = engine.decode_sample(rows, rows, [5] * b, [CONTEXT] * b, samplers)
+            pending = engine.decode_sample(seqs, seqs, [5] * b, [CONTEXT] * b, samplers)
             for i in range(n - 1):
-                following = engine.decode_sample(rows, rows, pending.tokens, [CONTEXT] * b, samplers)
+                following = engine.decode_sample(seqs, seqs, pending.tokens, [CONTEXT] * b, samplers)
                 pending.result()
                 pending = following
             pending.result()
