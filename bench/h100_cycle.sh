@@ -2,7 +2,7 @@
 # Build-check-benchmark steps on the GPU machine (the `device` tool), results under $OUT.
 # Name one or more steps; they run in the order given:
 #   tests       GPU tests (kernels, engines vs transformers, INT4 CUDA vs CPU, weights loader, doctor)
-#   profile     where a batch-1 decode step's time goes, 8B and 1B shapes (bench/profile_step.py)
+#   profile     where a decode step's time goes, 8B and 1B shapes, batch $PROFILE_BATCH (default 1; bench/profile_step.py)
 #   profile-prefill  the same for an 8B 512-token prefill, each run's time printed (TTFT spread)
 #   profile-startup  where a 1B process start to warm goes: imports and load + warm-up (bench/profile_startup.py)
 #   kernels     W4A16 kernel table (engine path beside the Triton fallback and cuBLAS) + decode attention
@@ -35,7 +35,7 @@ for step in "$@"; do
         ;;
     profile)
         for shape in llama-3.1-8b llama-3.2-1b; do
-            timeout 150 python3 bench/profile_step.py --shape $shape --batch 1 --out "$OUT/profile-$shape.json" 2>&1 \
+            timeout 150 python3 bench/profile_step.py --shape $shape --batch "${PROFILE_BATCH:-1}" --out "$OUT/profile-$shape.json" 2>&1 \
                 | grep -v Warning | tee -a "$OUT/profile.txt" | head -14
         done
         ;;
