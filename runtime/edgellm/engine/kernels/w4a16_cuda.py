@@ -34,7 +34,10 @@ pairs of chunks (1 KB of weights: the per-step costs, a wait, addresses, a scale
 once per pair) and streams them through a ring of 4 or 8 slots (RING_STAGES) in shared
 memory with cp.async, so the weight loads in flight cost no registers; on SM 9.0+ the kernel is launched to start early
 (programmatic dependent launch, kernels/pdl.py): it requests its first chunks while the
-previous kernel finishes, and waits for that kernel before it reads x. The source is
+previous kernel finishes, and waits for that kernel before it reads x. The epilogue can also
+apply SiLU(gate) * up (a gate|up projection, rows interleaved at load) and fold an RMSNorm
+in on either side (Fold: scale by the norm's rsqrt; add into the residual stream and prepare
+the next norm's input). The source is
 header-free (PTX for the fp16 arithmetic), so NVRTC needs no CUDA include directory, and
 no GPU: `compile_cubin` can run on a build host for an engine's target SM.
 """
