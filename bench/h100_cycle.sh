@@ -6,6 +6,7 @@
 #   profile-prefill  the same for an 8B 512-token prefill, each run's time printed (TTFT spread)
 #   profile-startup  where a 1B process start to warm goes: imports and load + warm-up (bench/profile_startup.py)
 #   kernels     W4A16 kernel table (engine path beside the Triton fallback and cuBLAS) + decode attention
+#   attention   the decode attention alone: both shapes, batch 1-8, context 512 and 4096, splits swept
 #   sweep       the same + the Triton candidate configurations (bench/kernels.py --sweep, decode shapes)
 #   sweep-mma   the tensor-core kernel's K splits and ring depths, early start on and off, every shape, M=1,8
 #   startup     what a fresh process spends on `import torch` and on creating the CUDA context
@@ -23,7 +24,7 @@ export PYTHONPATH=$PWD/runtime:$PWD/tests PYTHONUNBUFFERED=1 TRITON_CACHE_DIR=/t
     EDGELLM_KERNEL_CACHE=/tmp/edgellm-kernel-cache/edgellm
 OUT=${OUT:-out}
 mkdir -p "$OUT"
-[ $# -gt 0 ] || { sed -n 2,18p "$0" >&2; exit 2; }
+[ $# -gt 0 ] || { sed -n 2,19p "$0" >&2; exit 2; }
 for step in "$@"; do
     echo "=== $step ($(date +%T))"
     case $step in
@@ -36,7 +37,7 @@ for step in "$@"; do
     profile)
         for shape in llama-3.1-8b llama-3.2-1b; do
             timeout 150 python3 bench/profile_step.py --shape $shape --batch "${PROFILE_BATCH:-1}" --out "$OUT/profile-$shape.json" 2>&1 \
-                | grep -v Warning | tee -a "$OUT/profile.txt" | head -14
+                | grep -v Warning | tee -a "$OUT/profile.txt" | head -${PROFILE_LINES:-14}
         done
         ;;
     profile-prefill)
@@ -50,6 +51,9 @@ for step in "$@"; do
         ;;
     kernels)
         timeout 240 python3 bench/kernels.py --out "$OUT/kernels.json" 2>&1 | tee "$OUT/kernels.txt" | tail -16
+        ;;
+    attention)
+        timeout 240 python3 bench/kernels.py --out "$OUT/attention.json" --attention-only 2>&1 | tee "$OUT/attention.txt" | tail -18
         ;;
     sweep)
         timeout 240 python3 bench/kernels.py --out "$OUT/kernels.json" --sweep --no-prefill \
@@ -96,6 +100,6 @@ PY
             | tee "$OUT/load-gpu.txt" | tail -40
         ;;
     *)
-        echo "unknown step $step" >&2; sed -n 2,18p "$0" >&2; exit 2 ;;
+        echo "unknown step $step" >&2; sed -n 2,19p "$0" >&2; exit 2 ;;
     esac
 done

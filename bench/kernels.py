@@ -173,22 +173,43 @@ def bench_cublas(m, n, k, gen):
     return t, n * k * 2 + m * k * 2 + m * n * 2
 
 
-def bench_attention(gen, bw):
+# (name, Hq, Hkv, D) of decode_attention_rope at the engines' shapes
+ATTENTION_SHAPES = [("8B", 32, 8, 128), ("1B", 32, 8, 64)]
+
+
+def bench_attention(gen, bw, batches, seq_lens, splits_factors, s_max: int = 4096) -> list[dict]:
+    """decode_attention_rope (the engine's decode attention: rope, KV write, split attention
+    and merge) per shape, batch and context, at pick_splits' choice and at that choice times
+    each of `splits_factors`. Bytes = the K and V read + q|k|v in + out."""
     rows = []
-    for b, hq, hkv, d, s_max, seq in [(1, 32, 8, 64, 4096, 4096), (1, 32, 8, 128, 4096, 4096), (1, 32, 8, 128, 8192, 1024),
-                                      (8, 32, 8, 128, 4096, 4096), (8, 32, 8, 128, 4096, 512), (4, 32, 8, 64, 2048, 2048)]:
-        copies = max(2, math.ceil(3 * L2_BYTES / (2 * b * hkv * seq * d * 2)))
-        caches = [(torch.randn(b, hkv, s_max, d, device="cuda", generator=gen).half(),
-                   torch.randn(b, hkv, s_max, d, device="cuda", generator=gen).half()) for _ in range(copies)]
-        q = torch.randn(b, hq, d, device="cuda", generator=gen).half()
-        slots = torch.arange(b, device="cuda", dtype=torch.int32)
-        lens = torch.full((b,), seq, device="cuda", dtype=torch.int32)
-        calls = [lambda kc=kc, vc=vc: attn.decode_attention(q, kc, vc, slots, lens, d ** -0.5) for kc, vc in caches * 3]
-        t = graph_time_us(calls)
-        nbytes = 2 * b * hkv * seq * d * 2 + 2 * b * hq * d * 2
-        rows.append(dict(B=b, Hq=hq, Hkv=hkv, D=d, S_max=s_max, seq_len=seq, us=t, bytes=nbytes,
-                         gbps=nbytes / t / 1e3, pct_bw=100 * nbytes / t / 1e3 / bw))
-        del caches
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    for name, hq, hkv, d in ATTENTION_SHAPES:
+        cos = torch.rand(s_max, d, device="cuda", generator=gen)
+        sin = torch.rand(s_max, d, device="cuda", generator=gen)
+        for b in batches:
+            for seq in seq_lens:
+                read = 2 * b * hkv * seq * d * 2
+                copies = max(2, math.ceil(3 * L2_BYTES / read))
+                caches = [(torch.randn(b, hkv, s_max, d, device="cuda", generator=gen).half(),
+                           torch.randn(b, hkv, s_max, d, device="cuda", generator=gen).half()) for _ in range(copies)]
+                qkv = torch.randn(b, (hq + 2 * hkv) * d, device="cuda", generator=gen).half()
+                slots = torch.arange(b, device="cuda")
+                positions = torch.full((b,), seq - 1, device="cuda")
+                counters = torch.zeros(b * hkv, dtype=torch.int32, device="cuda")
+                picked = attn.pick_splits(b, hkv, s_max, sms, attn._tiles(hq, hkv, d)[2])
+                for factor in [1.0] + [f for f in splits_factors if f != 1.0]:
+                    splits = max(1, round(picked * factor))
+                    calls = [lambda kc=kc, vc=vc, n=splits: attn.decode_attention_rope(
+                        qkv, positions, slots, cos, sin, kc, vc, hq, hkv, d ** -0.5, counters, splits=n)
+                        for kc, vc in caches * max(1, 30 // copies)]
+                    t = graph_time_us(calls)
+                    nbytes = read + b * (hq + 2 * hkv) * d * 2 + b * hq * d * 2
+                    rows.append(dict(shape=name, B=b, Hq=hq, Hkv=hkv, D=d, S_max=s_max, seq_len=seq, splits=splits,
+                                     picked=factor == 1.0, us=t, bytes=nbytes, pct_bw=100 * nbytes / t / 1e3 / bw))
+                    print(f"  attention {name} B={b} seq {seq} splits {splits:3d}{' (picked)' if factor == 1.0 else '         '}: "
+                          f"{t:6.2f} us {rows[-1]['pct_bw']:5.1f}% bw", flush=True)
+                del caches
+                torch.cuda.empty_cache()
     return rows
 
 
@@ -232,6 +253,11 @@ def main() -> None:
     ap.add_argument("--sweep-mma", action="store_true", help="time the tensor-core kernel's K splits and ring depths "
                     "on the sweep shapes and M values")
     ap.add_argument("--no-prefill", action="store_true")
+    ap.add_argument("--attention-only", action="store_true", help="only the decode attention table")
+    ap.add_argument("--attention-batches", default="1,2,4,8")
+    ap.add_argument("--attention-seq", default="512,4096", help="context lengths for the attention table")
+    ap.add_argument("--attention-splits", default="0.5,2",
+                    help="also time the attention at pick_splits' choice times these factors")
     ap.add_argument("--ncu-target", help="only run one kernel a few times (for ncu): gemv1, mma8 or mma:SHAPE:M")
     args = ap.parse_args()
     g = args.group_size
@@ -252,7 +278,7 @@ def main() -> None:
     result = dict(device=props.name, sms=sms, copy_gbps=bw, read_gbps=read_bw, group_size=g, decode=[], prefill=[],
                   sweep=[], attention=[])
 
-    for name, n, k in SHAPES:
+    for name, n, k in [] if args.attention_only else SHAPES:
         wbytes = w4_bytes(1, n, k, g)
         copies = random_weights(n, k, g, max(2, math.ceil(3 * L2_BYTES / wbytes)), gen)
         mma_copies = [w4a16_cuda.MmaWeights.from_rowpacked(qw, s, z, g) for qw, s, z in copies] if mma_ok else None
@@ -294,24 +320,33 @@ def main() -> None:
         torch.cuda.empty_cache()
         Path(args.out).write_text(json.dumps(result, indent=1))  # partial results survive a timeout
 
-    result["attention"] = bench_attention(gen, bw)
+    floats = lambda text: [float(v) for v in text.split(",") if v]  # noqa: E731
+    result["attention"] = bench_attention(gen, bw, [int(v) for v in floats(args.attention_batches)],
+                                          [int(v) for v in floats(args.attention_seq)], floats(args.attention_splits))
     result["seconds"] = time.time() - t0
     Path(args.out).write_text(json.dumps(result, indent=1))
 
     print(f"\ncopy bandwidth {bw:.0f} GB/s (read + write), read-only {read_bw:.0f} GB/s; W4A16 group size {g}; "
           "times are CUDA-graph medians; %bw = bytes / time / copy bandwidth")
-    print(f"engine path: {result['decode'][0]['path']}; in brackets: the Triton kernels (fallback) on the same shape")
-    print(f"{'shape':11s} {'N':>6s} {'K':>6s} | " + " | ".join(f"M={m}: us   %bw (Triton)" for m in DECODE_M)
-          + " | cuBLAS M=1 %bw")
-    for name, n, k in SHAPES:
-        rows = {r["M"]: r for r in result["decode"] if r["shape"] == name}
-        cells = " | ".join(f"{rows[m]['us']:7.1f} {rows[m]['pct_bw']:5.1f} ({rows[m]['triton_us']:5.1f})" for m in DECODE_M)
-        print(f"{name:11s} {n:6d} {k:6d} | {cells} | {rows[1]['cublas_pct_bw']:5.1f}")
+    if result["decode"]:
+        print(f"engine path: {result['decode'][0]['path']}; in brackets: the Triton kernels (fallback) on the same shape")
+        print(f"{'shape':11s} {'N':>6s} {'K':>6s} | " + " | ".join(f"M={m}: us   %bw (Triton)" for m in DECODE_M)
+              + " | cuBLAS M=1 %bw")
+        for name, n, k in SHAPES:
+            rows = {r["M"]: r for r in result["decode"] if r["shape"] == name}
+            cells = " | ".join(f"{rows[m]['us']:7.1f} {rows[m]['pct_bw']:5.1f} ({rows[m]['triton_us']:5.1f})" for m in DECODE_M)
+            print(f"{name:11s} {n:6d} {k:6d} | {cells} | {rows[1]['cublas_pct_bw']:5.1f}")
     if result["prefill"]:
         print("prefill:", "; ".join(f"{r['shape']} M={r['M']} {r['us']:.0f} us (Triton {r['triton_us']:.0f}, "
                                     f"cuBLAS fp16 {r['cublas_us']:.0f})" for r in result["prefill"]))
-    print("attention:", "; ".join(f"B={r['B']} D={r['D']} S={r['seq_len']}/{r['S_max']} {r['us']:.1f} us "
-                                  f"{r['pct_bw']:.0f}%" for r in result["attention"]))
+    print("decode attention (rope + KV write + splits + merge, one kernel), us at pick_splits' choice "
+          "[fastest splits: us]:")
+    for r in result["attention"]:
+        if r["picked"]:
+            same = [o for o in result["attention"] if (o["shape"], o["B"], o["seq_len"]) == (r["shape"], r["B"], r["seq_len"])]
+            best = min(same, key=lambda o: o["us"])
+            print(f"  {r['shape']} B={r['B']} seq {r['seq_len']:5d}: splits {r['splits']:3d} {r['us']:6.2f} us "
+                  f"{r['pct_bw']:5.1f}% bw   [{best['splits']}: {best['us']:.2f}]")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
 """decode_attention_rope (engine/kernels/decode_attention.py): a decode step's rotary embedding,
-KV-cache write, flash-decoding chunks and their merge in one kernel, checked for
+KV-cache write, flash-decoding splits and their merge in one kernel, checked for
 
 (a) the output against a float64 reference (q roped by model.apply_rope, softmax over the
     row's cache up to and including the new token): relative Frobenius error < 2e-3 (fp16
@@ -103,7 +103,7 @@ def _reference(qkv, positions, slots, cos, sin, k_cache, v_cache, hq, hkv, scale
     return out
 
 
-def _check(hq, hkv, d, s_max, slot_list, pos_list, chunk, device, seed=0) -> float:
+def _check(hq, hkv, d, s_max, slot_list, pos_list, splits, device, seed=0) -> float:
     """Runs decode_attention_rope twice on copies of the same caches and checks (a)-(d);
     returns the relative error."""
     from edgellm.engine.kernels import fused
@@ -128,11 +128,11 @@ def _check(hq, hkv, d, s_max, slot_list, pos_list, chunk, device, seed=0) -> flo
         k, v = k_cache.clone(), v_cache.clone()
         out = torch.full((b, hq, d), float("nan"), dtype=torch.float16, device=device)
         pos_arg = positions if trial == 0 else positions[:, None]  # [B] and [B, 1] alike
-        ret = decode_attention_rope(qkv, pos_arg, slots, cos, sin, k, v, hq, hkv, scale, counters, chunk=chunk, out=out)
+        ret = decode_attention_rope(qkv, pos_arg, slots, cos, sin, k, v, hq, hkv, scale, counters, splits=splits, out=out)
         assert ret is out
         err = _rel_err(out, ref)
         print(f"decode_attention_rope Hq={hq} Hkv={hkv} D={d} S_max={s_max} slots={slot_list} positions={pos_list} "
-              f"chunk={chunk} call {trial}: rel err {err:.2e}")
+              f"splits={splits} call {trial}: rel err {err:.2e}")
         assert torch.isfinite(out).all(), "unwritten output, or a NaN entry of the cache was read"  # (a)
         assert err < REL_TOL
         assert _same_bits(k, k_expected) and _same_bits(v, v_expected), "caches differ from rope_and_write_kv's"  # (b)
@@ -143,63 +143,42 @@ def _check(hq, hkv, d, s_max, slot_list, pos_list, chunk, device, seed=0) -> flo
 
 
 CASES = [
-    # hq, hkv, d, s_max, slots, positions, chunk (None: pick_chunk's)
+    # hq, hkv, d, s_max, slots, positions, splits (None: pick_splits')
     (32, 8, 128, 4096, [1, 3, 0], [0, 777, 4095], None),  # Llama 8B shapes, positions 0 .. S_max - 1
-    (32, 8, 64, 2048, [2, 0], [130, 2047], 64),  # Llama 1B shapes, 32 small chunks
-    (32, 8, 128, 256, [1, 0], [5, 255], 256),  # S_max in one chunk: no partials, no counters
-    (4, 4, 64, 300, [2, 1, 0], [0, 64, 299], 64),  # MHA; a row in the first chunk; a position on a chunk boundary
-    (8, 2, 128, 1024, [1, 2], [1000, 40], 128),  # GQA 4
+    (32, 8, 64, 2048, [2, 0], [130, 2047], 32),  # Llama 1B shapes: 3 and 32 chunks of 64
+    (32, 8, 128, 256, [1, 0], [5, 255], 1),  # one split: no partials, no counters
+    (4, 4, 64, 300, [2, 1, 0], [0, 64, 299], 5),  # MHA; a row in the first chunk; a position on a chunk boundary
+    (8, 2, 128, 1024, [1, 2], [1000, 40], 8),  # GQA 4; chunks of 128 and one chunk of 64
     (8, 2, 64, 512, [3], [200], None),  # B = 1
     (28, 4, 128, 3000, [0, 1], [2999, 65], None),  # GQA 7 (Qwen-like): padded head rows, S_max not a power of two
-    (32, 1, 128, 8192, [0], [8000], 64),  # MQA, 128 chunks: the merge runs over several blocks of chunks
+    (32, 1, 128, 8192, [0], [8000], 128),  # MQA, 126 chunks of 64: the merge runs over several blocks of chunks
+    (32, 8, 128, 4096, [0], [4095], 3),  # splits not a power of two: chunks of 1408, 1408 and 1280
 ]
 
 
-@pytest.mark.parametrize("hq,hkv,d,s_max,slot_list,pos_list,chunk", CASES)
+@pytest.mark.parametrize("hq,hkv,d,s_max,slot_list,pos_list,splits", CASES)
 @pytest.mark.gpu
 @needs_gpu
-def test_decode_attention_rope_matches_reference(hq, hkv, d, s_max, slot_list, pos_list, chunk):
-    _check(hq, hkv, d, s_max, slot_list, pos_list, chunk, "cuda", seed=hq + d + s_max)
-
-
-@pytest.mark.gpu
-@needs_gpu
-def test_decode_attention_rope_matches_the_three_kernel_path():
-    """Against what the model ran before: rope_and_write_kv, then decode_attention."""
-    from edgellm.engine.kernels import fused
-
-    hq, hkv, d, s_max = 32, 8, 128, 4096
-    slot_list, pos_list = [2, 0, 3], [4000, 1, 900]
-    cos, sin = _rope_tables(hq, hkv, d, s_max, "cuda")
-    qkv, positions, slots, k_cache, v_cache = _inputs(hq, hkv, d, s_max, slot_list, pos_list, "cuda", seed=7)
-    scale = d ** -0.5
-    k_old, v_old = k_cache.clone(), v_cache.clone()
-    q = fused.rope_and_write_kv(qkv, positions[:, None], slots, cos, sin, k_old, v_old, hq, hkv)
-    old = fused.decode_attention(q, k_old, v_old, slots, (positions + 1).to(torch.int32), scale)
-    counters = torch.zeros(len(slot_list) * hkv, dtype=torch.int32, device="cuda")
-    new = fused.decode_attention_rope(qkv, positions, slots, cos, sin, k_cache, v_cache, hq, hkv, scale, counters)
-    diff = ((new.float() - old.float()).norm() / old.float().norm()).item()
-    print(f"fused vs rope_and_write_kv + decode_attention: rel diff {diff:.2e}")
-    assert _same_bits(k_cache, k_old) and _same_bits(v_cache, v_old)
-    assert diff < 1e-3  # the same arithmetic but for the FMA pattern of q's rope: last-bit differences
+def test_decode_attention_rope_matches_reference(hq, hkv, d, s_max, slot_list, pos_list, splits):
+    _check(hq, hkv, d, s_max, slot_list, pos_list, splits, "cuda", seed=hq + d + s_max)
 
 
 @pytest.mark.gpu
 @needs_gpu
 def test_decode_attention_rope_merge_sees_every_partial():
-    """2048 programs (64 chunks per row and kv head) finishing in any order: the partials
+    """2048 programs (64 splits per row and kv head) finishing in any order: the partials
     are NaN before every call, so a merge that read one before its program had stored it
     gives NaN; a lost or doubled count gives a missing output or a counter left non-zero."""
     from edgellm.engine.kernels.decode_attention import decode_attention_rope
 
-    hq, hkv, d, s_max, chunk = 32, 8, 128, 4096, 64
+    hq, hkv, d, s_max, splits = 32, 8, 128, 4096, 64
     slot_list, pos_list = [0, 1, 2, 3], [4095, 2000, 64, 3333]
-    b, n_chunks = len(slot_list), s_max // chunk
+    b = len(slot_list)
     cos, sin = _rope_tables(hq, hkv, d, s_max, "cuda")
     qkv, positions, slots, k_cache, v_cache = _inputs(hq, hkv, d, s_max, slot_list, pos_list, "cuda", seed=3)
     scale = d ** -0.5
     counters = torch.zeros(b * hkv, dtype=torch.int32, device="cuda")
-    partials = torch.empty(b * hq * n_chunks * (d + 2), dtype=torch.float32, device="cuda")
+    partials = torch.empty(b * hq * splits * (d + 2), dtype=torch.float32, device="cuda")
     out = torch.empty(b, hq, d, dtype=torch.float16, device="cuda")
     first = None
     for i in range(50):
@@ -207,7 +186,7 @@ def test_decode_attention_rope_merge_sees_every_partial():
         out.fill_(float("nan"))
         # Rewriting the new token's k and v each time writes the same bits: the caches need no reset.
         decode_attention_rope(qkv, positions, slots, cos, sin, k_cache, v_cache, hq, hkv, scale, counters,
-                              partials=partials, chunk=chunk, out=out)
+                              partials=partials, splits=splits, out=out)
         assert torch.isfinite(out).all(), f"call {i}: NaN or unwritten output"
         assert torch.count_nonzero(counters).item() == 0, f"call {i}: counters left at {counters.tolist()}"
         if first is None:
@@ -276,19 +255,20 @@ def test_decode_attention_rope_replays_in_a_cuda_graph():
 
 
 INTERPRETER_CASES = [
-    (8, 2, 64, 512, [2, 0], [130, 511], 64),  # 8 chunks, GQA 4
-    (4, 4, 64, 300, [2, 1, 0], [0, 64, 299], 64),  # MHA, position 0, a chunk boundary
-    (32, 1, 64, 1024, [1], [1000], 64),  # MQA: the merge runs over 4 blocks of chunks
-    (8, 2, 128, 256, [3, 1], [255, 17], 256),  # one chunk: no partials, no counters
+    (8, 2, 64, 512, [2, 0], [130, 511], 8),  # 3 and 8 chunks of 64, GQA 4
+    (4, 4, 64, 300, [2, 1, 0], [0, 64, 299], 5),  # MHA, position 0, a chunk boundary
+    (32, 1, 64, 1024, [1], [1000], 16),  # MQA: the merge runs over 4 blocks of chunks
+    (8, 2, 128, 256, [3, 1], [255, 17], 1),  # one split: no partials, no counters
+    (8, 2, 64, 1024, [0, 1], [1023, 300], 3),  # 3 splits: chunks of 384 (6 tiles each) and of 128
 ]
 
 
-@pytest.mark.parametrize("hq,hkv,d,s_max,slot_list,pos_list,chunk", INTERPRETER_CASES)
+@pytest.mark.parametrize("hq,hkv,d,s_max,slot_list,pos_list,splits", INTERPRETER_CASES)
 @needs_interpreter
-def test_decode_attention_rope_in_the_interpreter(hq, hkv, d, s_max, slot_list, pos_list, chunk):
+def test_decode_attention_rope_in_the_interpreter(hq, hkv, d, s_max, slot_list, pos_list, splits):
     """The same checks on the CPU (the interpreter runs programs one after another, so this
     covers the indexing, masks and merge arithmetic, not the concurrency)."""
-    _check(hq, hkv, d, s_max, slot_list, pos_list, chunk, "cpu", seed=hq + d)
+    _check(hq, hkv, d, s_max, slot_list, pos_list, splits, "cpu", seed=hq + d)
 
 
 @pytest.mark.skipif(not _has_triton(), reason="needs Triton (the checks run before any launch)")
@@ -307,4 +287,6 @@ def test_decode_attention_rope_rejects_bad_arguments():
         decode_attention_rope(qkv, positions[:1], slots, cos, sin, k_cache, v_cache, hq, hkv, 0.1, counters)
     with pytest.raises(ValueError, match="partials"):
         decode_attention_rope(qkv, positions, slots, cos, sin, k_cache, v_cache, hq, hkv, 0.1, counters,
-                              partials=torch.empty(10), chunk=64)
+                              partials=torch.empty(10), splits=4)
+    with pytest.raises(ValueError, match="splits"):
+        decode_attention_rope(qkv, positions, slots, cos, sin, k_cache, v_cache, hq, hkv, 0.1, counters, splits=0)

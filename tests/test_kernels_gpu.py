@@ -120,79 +120,18 @@ def test_dequantize_fp16_is_exact():
         assert torch.equal(w, qw.dequantize(torch.float32).half())
 
 
-def _attention_ref(q, k_cache, v_cache, slot_ids, seq_lens, scale):
-    b, hq, d = q.shape
-    group = hq // k_cache.shape[1]
-    out = torch.zeros(b, hq, d, device=q.device)
-    for i in range(b):
-        n = int(seq_lens[i])
-        if n == 0:
-            continue
-        k = k_cache[slot_ids[i], :, :n].float().repeat_interleave(group, 0)
-        v = v_cache[slot_ids[i], :, :n].float().repeat_interleave(group, 0)
-        out[i] = torch.nn.functional.scaled_dot_product_attention(
-            q[i].float()[:, None], k, v, scale=scale)[:, 0]
-    return out
-
-
-@pytest.mark.parametrize(
-    "hq,hkv,d,s_max,lens",
-    [
-        (32, 32, 64, 256, [1, 200, 256]),  # MHA, one chunk
-        (32, 8, 128, 4096, [4096, 1, 777, 2049]),  # GQA 4, many chunks
-        (32, 4, 64, 8192, [8192, 5000]),  # GQA 8
-        (16, 2, 128, 1024, [1000, 0, 513]),  # an idle slot (seq_len 0) gives zeros
-        (28, 4, 128, 3000, [2999, 64, 65]),  # GQA 7 (Qwen-like), S_max not a power of two
-    ],
-)
-def test_decode_attention_matches_sdpa(hq, hkv, d, s_max, lens):
-    from edgellm.engine.kernels.decode_attention import decode_attention
-
-    torch.manual_seed(s_max + hq)
-    b = len(lens)
-    slots = b + 2
-    k_cache = torch.randn(slots, hkv, s_max, d, device="cuda").half()
-    v_cache = torch.randn(slots, hkv, s_max, d, device="cuda").half()
-    slot_ids = torch.randperm(slots, device="cuda")[:b].to(torch.int32)
-    seq_lens = torch.tensor(lens, dtype=torch.int32, device="cuda")
-    # Garbage beyond seq_len must not be read: fill it with NaN.
-    for i, n in enumerate(lens):
-        k_cache[slot_ids[i], :, n:] = float("nan")
-        v_cache[slot_ids[i], :, n:] = float("nan")
-    q = torch.randn(b, hq, d, device="cuda").half()
-    scale = 1 / math.sqrt(d)
-    out = _poisoned(b, hq, d)
-    decode_attention(q, k_cache, v_cache, slot_ids, seq_lens, scale, out=out)
-    ref = _attention_ref(q, k_cache, v_cache, slot_ids, seq_lens, scale)
-    err = _rel_err(out, ref)
-    print(f"decode_attention Hq={hq} Hkv={hkv} D={d} S_max={s_max} lens={lens}: rel err {err:.2e}")
-    assert torch.isfinite(out).all() and err < REL_TOL
-    for i, n in enumerate(lens):
-        if n == 0:
-            assert out[i].abs().max().item() == 0
-
-
 def test_cuda_graph_replay_matches_eager():
-    from edgellm.engine.kernels.decode_attention import decode_attention
     from edgellm.engine.kernels.w4a16 import w4a16_linear
 
     n, k, g = 6144, 2048, 128
     qw = _weights(n, k, g)
-    hq, hkv, d, s_max, b = 32, 8, 64, 2048, 2
-    k_cache = torch.randn(3, hkv, s_max, d, device="cuda").half()
-    v_cache = torch.randn(3, hkv, s_max, d, device="cuda").half()
-    slot_ids = torch.tensor([2, 0], dtype=torch.int32, device="cuda")
-    seq_lens = torch.tensor([10, 1500], dtype=torch.int32, device="cuda")
     x1 = torch.randn(1, k, device="cuda").half()  # M = 1: gemv, split-K
     x4 = torch.randn(4, k, device="cuda").half()  # M = 4: tensor cores
-    q = torch.randn(b, hq, d, device="cuda").half()
-    scale = d ** -0.5
 
     def step():
         y1 = w4a16_linear(x1, qw.qweight, qw.scales, qw.zeros, g)
         y4 = w4a16_linear(x4, qw.qweight, qw.scales, qw.zeros, g)
-        o = decode_attention(q, k_cache, v_cache, slot_ids, seq_lens, scale)
-        return y1, y4, o
+        return y1, y4
 
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
@@ -206,14 +145,12 @@ def test_cuda_graph_replay_matches_eager():
     for trial in range(3):
         x1.copy_(torch.randn_like(x1))
         x4.copy_(torch.randn_like(x4))
-        q.copy_(torch.randn_like(q))
-        seq_lens.copy_(torch.tensor([11 + 700 * trial, 1501 + trial], dtype=torch.int32))
         for t in outs:
             t.fill_(float("nan"))
         graph.replay()
         eager = step()
         torch.cuda.synchronize()
-        for name, r, e in zip(("w4a16 M=1", "w4a16 M=4", "attention"), outs, eager):
+        for name, r, e in zip(("w4a16 M=1", "w4a16 M=4"), outs, eager):
             diff = (r.float() - e.float()).abs().max().item()
             print(f"graph replay {trial} {name}: max |replay - eager| = {diff:.2e}")
             assert torch.isfinite(r).all()

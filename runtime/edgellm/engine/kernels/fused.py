@@ -28,7 +28,7 @@ from __future__ import annotations
 import torch
 
 from edgellm.engine.kernels import pdl
-from edgellm.engine.kernels.decode_attention import decode_attention, decode_attention_rope  # noqa: F401 (re-exported for the model)
+from edgellm.engine.kernels.decode_attention import decode_attention_rope  # noqa: F401 (re-exported for the model)
 
 try:
     import triton
