@@ -81,7 +81,7 @@ def main() -> int:
 
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as graph_prof:
         replays(STEPS)
-    in_graph = marginal_table(graph_prof, STEPS)
+    in_graph, sequence = marginal_table(graph_prof, STEPS)
 
     graphs, engine._graphs = engine._graphs, {}  # eager: the same kernels, launched one by one
     for _ in range(3):
@@ -97,7 +97,8 @@ def main() -> int:
     kernel_ms = sum(r["us_per_step"] for r in rows) / 1e3
     launches = sum(r["calls_per_step"] for r in rows)
     result = {"shape": args.shape, "batch": b, "graph_step_ms": graph_ms, "graph_replay_ms": replay_ms, "kernel_sum_ms": kernel_ms,
-              "kernels_per_step": launches, "kernels": rows, "in_graph": in_graph}
+              "kernels_per_step": launches, "kernels": rows, "in_graph": in_graph,
+              "in_graph_sequence": sequence}
     args.out.write_text(json.dumps(result, indent=1))
     print(f"{args.shape} batch {b}: graph step {graph_ms:.3f} ms (argmax and token read-back included), "
           f"{replay_ms:.3f} ms replayed back to back; sum of kernel GPU times {kernel_ms:.3f} ms over "
@@ -107,6 +108,10 @@ def main() -> int:
         print("inside the graph replayed back to back: each kernel's end minus the previous kernel's end "
               "(what it adds to the step, early starts overlapped); sums to the step")
         print_table(in_graph)
+        if sequence:
+            print("the step's first and last kernels in order (median us each adds):")
+            for r in sequence[:13] + sequence[-6:]:
+                print(f"  {r['position']:4d} {r['us']:8.2f}  {r['kernel'][:90]}")
     else:
         print("(the profiler recorded no kernels inside the graph replays)")
     return 0
@@ -160,18 +165,27 @@ def kernel_table(prof, steps: int) -> list[dict]:
     return sorted(rows, key=lambda r: -r["us_per_step"])
 
 
-def marginal_table(prof, steps: int) -> list[dict]:
+def marginal_table(prof, steps: int) -> tuple[list[dict], list[dict]]:
     """Kernels of graph replays in the order they ended: each kernel's end minus the end of
-    the kernel before it, per kernel name. Under early starts (PDL) a kernel's own duration
-    includes its wait for the previous one; this does not, and the rows sum to the step."""
+    the kernel before it, per kernel name, and per position in the step (the step's kernels
+    in order, median over steps: which projection is which). Under early starts (PDL) a
+    kernel's own duration includes its wait for the previous one; this does not, and the
+    rows sum to the step."""
     kernels = sorted(((e.time_range.end, e.name) for e in prof.events()
                       if e.device_type == torch.autograd.DeviceType.CUDA), key=lambda k: k[0])
     per_kernel: dict[str, list[float]] = collections.defaultdict(list)
-    for (prev_end, _), (end, name) in zip(kernels, kernels[1:]):
-        per_kernel[name].append(end - prev_end)
+    marginals = [(name, end - prev_end) for (prev_end, _), (end, name) in zip(kernels, kernels[1:])]
+    for name, t in marginals:
+        per_kernel[name].append(t)
     rows = [{"kernel": name, "calls_per_step": len(times) / steps, "us_per_step": sum(times) / steps,
              "us_per_call": statistics.median(times)} for name, times in per_kernel.items()]
-    return sorted(rows, key=lambda r: -r["us_per_step"])
+    sequence = []
+    per_step = len(kernels) // steps if kernels and len(kernels) % steps == 0 else 0
+    if per_step:  # position i of step s is marginals[s * per_step + i - 1] (the very first kernel has none)
+        for i in range(per_step):
+            times = [marginals[s * per_step + i - 1][1] for s in range(steps) if s * per_step + i >= 1]
+            sequence.append({"position": i, "kernel": kernels[i][1], "us": statistics.median(times)})
+    return sorted(rows, key=lambda r: -r["us_per_step"]), sequence
 
 
 def print_table(rows: list[dict]) -> None:

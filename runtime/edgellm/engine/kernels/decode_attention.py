@@ -45,13 +45,12 @@ except ImportError:  # CI and CPU-only hosts: the module imports, the kernels do
 
 
 def pick_splits(batch: int, kv_heads: int, max_seq: int, num_sms: int = 132, block_s: int = 64) -> int:
-    """Programs per (row, kv head): a power of two with batch * kv_heads * splits at most
-    ~2 per SM (more only lengthens the merge), and no more than the cache has tiles."""
-    override = os.environ.get("EDGELLM_ATTN_SPLITS")
-    if override:  # for measuring (bench/kernels.py --attention-splits does it per call)
-        return max(1, int(override))
+    """Programs per (row, kv head): a power of two with batch * kv_heads * splits at most one
+    per SM, and no more than the cache has tiles. Measured on an H100 (bench/kernels.py
+    attention table, docs/dev/kernels-notes.md): at 2 per SM the longer merge cost more than
+    the shorter chunks saved (8B batch 8, context 512: 12.6 us against 10.7 at 1 per SM)."""
     splits = 1
-    while batch * kv_heads * splits * 2 <= 2 * num_sms and splits * 2 * block_s <= max_seq:
+    while batch * kv_heads * splits * 2 <= num_sms and splits * 2 * block_s <= max_seq:
         splits *= 2
     return splits
 
@@ -169,6 +168,9 @@ def decode_attention_rope(
         HQ=hq, HKV=hkv, GROUP=group, D=d, BLOCK_G=block_g, BLOCK_S=block_s, SPLITS=splits,
         MAX_CHUNK=triton_cdiv(triton_cdiv(s_max, splits), block_s) * block_s,
         BLOCK_H=block_h, MERGE_C=merge_c, INTERPRET=_interpreting(), num_warps=4, num_stages=3,
+        # The next kernel (the o projection) may start once every program has passed its wait
+        # (NEXT_EARLY) or only as programs end: EDGELLM_ATTN_NEXT_EARLY=0 measures the second.
+        NEXT_EARLY=os.environ.get("EDGELLM_ATTN_NEXT_EARLY", "1") != "0",
         **pdl.triton_options(qkv.device),
     )
     return out
@@ -182,9 +184,12 @@ if triton is not None:
         stride_t, stride_cos, stride_kslot, stride_kh, stride_ks, stride_ob, stride_oh, qk_scale,
         HQ: tl.constexpr, HKV: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, BLOCK_G: tl.constexpr,
         BLOCK_S: tl.constexpr, SPLITS: tl.constexpr, MAX_CHUNK: tl.constexpr, BLOCK_H: tl.constexpr,
-        MERGE_C: tl.constexpr, INTERPRET: tl.constexpr, PDL: tl.constexpr,
+        MERGE_C: tl.constexpr, INTERPRET: tl.constexpr, PDL: tl.constexpr, NEXT_EARLY: tl.constexpr,
     ):
-        pdl.start(PDL)
+        if PDL:
+            tl.extra.cuda.gdc_wait()
+            if NEXT_EARLY:
+                tl.extra.cuda.gdc_launch_dependents()
         HALF: tl.constexpr = D // 2
         pid = tl.program_id(0)
         c = tl.program_id(1)
