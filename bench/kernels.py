@@ -159,7 +159,8 @@ def mma_candidates(n: int, k: int, sms: int):
     C = w4a16_cuda.MmaConfig
     chosen = w4a16_cuda.pick_config(n, k, sms)
     out = [chosen, dataclasses.replace(chosen, early_start=False)]
-    out += [C(warps, stages) for warps in (2, 4, 8) for stages in w4a16_cuda.RING_STAGES if k // 128 >= 2 * warps]
+    out += [C(warps, stages) for warps in (2, 4, 8, 16) for stages in (4, 5, 8)
+            if k // 128 >= 2 * warps and (w4a16_cuda.block_threads(warps), stages) in w4a16_cuda.BLOCK_SHAPES]
     return list(dict.fromkeys(out))
 
 

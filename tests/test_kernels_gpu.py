@@ -401,14 +401,15 @@ def test_mma_kernel_replays_in_a_cuda_graph():
 def _mma_configs():
     from edgellm.engine.kernels.w4a16_cuda import MmaConfig
 
-    return [MmaConfig(w, stages, early) for w in (1, 2, 4, 8) for stages in (4, 8) for early in (False, True)]
+    configs = [MmaConfig(w, stages, early) for w in (1, 2, 4, 8) for stages in (4, 5, 8) for early in (False, True)]
+    return configs + [MmaConfig(16, stages, early) for stages in (4, 5) for early in (False, True)]
 
 
 @pytest.mark.parametrize("config", _mma_configs(), ids=str)
 @pytest.mark.parametrize("n,k,m", [(1000, 4096, 1), (2048, 8192, 9), (48, 512, 16)])
 def test_mma_kernel_configurations(config, n, k, m):
     """Every K split (chunks per warp from 1 to 128, some warps with fewer chunks than ring
-    slots), with and without early start."""
+    slots, 16 warps in a 512-thread block), with and without early start."""
     w4a16_cuda = _mma_or_skip()
     qw = _weights(n, k, 128)
     packed = w4a16_cuda.MmaWeights.from_rowpacked(qw.qweight, qw.scales, qw.zeros, 128)

@@ -31,7 +31,7 @@ fp32 partial sums, not every weight.
 A block computes one 16-row tile of the output; its warps split K and meet in shared
 memory (no atomics, no workspace, deterministic, CUDA-graph capturable). A warp steps over
 pairs of chunks (1 KB of weights: the per-step costs, a wait, addresses, a scale, are paid
-once per pair) and streams them through a ring of 4 or 8 slots (RING_STAGES) in shared
+once per pair) and streams them through a ring of 4, 5 or 8 slots (BLOCK_SHAPES) in shared
 memory with cp.async, so the weight loads in flight cost no registers; on SM 9.0+ the kernel is launched to start early
 (programmatic dependent launch, kernels/pdl.py): it requests its first chunks while the
 previous kernel finishes, and waits for that kernel before it reads x. The epilogue can also
@@ -394,8 +394,8 @@ __device__ __forceinline__ void w4a16_mma(
     }
 }
 
-#define MMA_ENTRY(NAME, MB, STAGES, SPLIT_GROUP, MIN_BLOCKS)                                              \
-    extern "C" __global__ void __launch_bounds__(256, MIN_BLOCKS) NAME(                                   \
+#define MMA_ENTRY(NAME, MB, STAGES, SPLIT_GROUP, THREADS, MIN_BLOCKS)                                     \
+    extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) NAME(                               \
         const u16* x, long long stride_xm, int M, const uint4* qw, const uint2* sz,                       \
         const u16* bias, u16* out, long long stride_om, int N, int K, int gshift, int gate_up,            \
         const float* in_sumsq, float eps, int add_to_out, float* out_sumsq, const u16* next_weight,       \
@@ -405,7 +405,7 @@ __device__ __forceinline__ void w4a16_mma(
         w4a16_mma<MB, STAGES, SPLIT_GROUP>(x, stride_xm, M, qw, sz, bias, out, stride_om, N, K, gshift,   \
                                            gate_up, fold, smem);                                          \
     }
-// The entries (w4a16_mma_mb<MB>_s<STAGES>[_g64]) are listed by compile_cubin: see ENTRIES.
+// The entries (w4a16_mma_mb<MB>_s<STAGES>[_t512][_g64]) are listed by compile_cubin: see ENTRIES.
 
 
 // The fp16 weight [N, K] from the mma layout, (q - zero) * scale rounded once (prefill
@@ -450,7 +450,10 @@ extern "C" __global__ void __launch_bounds__(128) w4a16_mma_dequant(
 """
 
 BATCH_BLOCKS = (1, 2)  # MB: kernels for up to 8 and 16 rows of x
-RING_STAGES = (4, 8)  # ring slots per warp (pairs of chunks in flight + 1) the kernels are built for
+# (threads per block, ring slots per warp) the kernels are built for: up to 8 warps per block
+# (256 threads) with rings of 4, 5 or 8 slots (pairs of chunks in flight + 1), 16 warps with 4 or 5.
+BLOCK_SHAPES = ((256, 4), (256, 5), (256, 8), (512, 4), (512, 5))
+RING_STAGES = (4, 8)  # the shallow and the deep ring of pick_config
 MAX_ROWS = 8 * BATCH_BLOCKS[-1]
 SLICED_ROWS = 2 * MAX_ROWS  # up to this many rows run as slices; beyond, dequantize + cuBLAS
 
@@ -500,19 +503,27 @@ def cache_dir() -> Path:
     return Path(os.environ.get("EDGELLM_KERNEL_CACHE") or Path.home() / ".cache" / "edgellm" / "kernels")
 
 
-def entry_name(mb: int, stages: int, split_group: bool) -> str:
-    """The kernel entry for up to 8 * mb rows, a ring of `stages` slots, and G = 64 (split_group) or more."""
-    return f"w4a16_mma_mb{mb}_s{stages}" + ("_g64" if split_group else "")
+def block_threads(warps: int) -> int:
+    """Threads per block of the entry that runs `warps` warps: 256 up to 8 warps, else 512."""
+    return 256 if warps <= 8 else 512
 
 
-ENTRIES = [(mb, stages, split) for mb in BATCH_BLOCKS for stages in RING_STAGES for split in (False, True)]
+def entry_name(mb: int, stages: int, split_group: bool, threads: int = 256) -> str:
+    """The kernel entry for up to 8 * mb rows, a ring of `stages` slots, blocks of up to
+    `threads` threads, and G = 64 (split_group) or more."""
+    return f"w4a16_mma_mb{mb}_s{stages}" + ("_t512" if threads == 512 else "") + ("_g64" if split_group else "")
 
 
-def min_blocks_per_sm(mb: int, stages: int) -> int:
-    """The register budget the compiler is held to (256 threads per block). Up to 8 rows with
-    a 4-slot ring fit 64 registers without spilling: 4 blocks of 8 warps per SM, where 80
-    registers would allow 3. The deep ring is for shapes of at most two blocks per SM."""
-    if stages == RING_STAGES[-1]:
+ENTRIES = [(mb, stages, split, threads) for mb in BATCH_BLOCKS for threads, stages in BLOCK_SHAPES for split in (False, True)]
+
+
+def min_blocks_per_sm(mb: int, stages: int, threads: int = 256) -> int:
+    """The register budget the compiler is held to. Up to 8 rows fit 64 registers without
+    spilling: 4 blocks of 8 warps (or 2 of 16) per SM, where 80 registers would allow 3. The
+    deep ring is for shapes of at most two blocks per SM."""
+    if threads == 512:
+        return 2 if mb == 1 else 1
+    if stages == 8:
         return 2
     return 4 if mb == 1 else 1
 
@@ -520,8 +531,8 @@ def min_blocks_per_sm(mb: int, stages: int) -> int:
 def compile_cubin(sm: int) -> bytes:
     """The kernels as a cubin for SM `sm` (e.g. 90), compiled once and cached on disk.
     Needs NVRTC, not a GPU."""
-    entries = "".join(f"MMA_ENTRY({entry_name(mb, stages, split)}, {mb}, {stages}, {str(split).lower()}, "
-                      f"{min_blocks_per_sm(mb, stages)})\n" for mb, stages, split in ENTRIES)
+    entries = "".join(f"MMA_ENTRY({entry_name(mb, stages, split, threads)}, {mb}, {stages}, {str(split).lower()}, "
+                      f"{threads}, {min_blocks_per_sm(mb, stages, threads)})\n" for mb, stages, split, threads in ENTRIES)
     source = SOURCE + entries
     key = hashlib.sha256(source.encode() + f"sm_{sm}".encode()).hexdigest()[:16]
     path = cache_dir() / f"w4a16-mma-sm{sm}-{key}.cubin"
@@ -722,13 +733,18 @@ def interleave_gate_up(rows: torch.Tensor) -> torch.Tensor:
 
 @dataclasses.dataclass(frozen=True)
 class MmaConfig:
-    """How one call runs: `warps` per 16-row tile (K split that many ways), a ring of `stages`
-    slots per warp (one of RING_STAGES); early_start None: programmatic dependent launch where
-    pdl.active says so (graph capture)."""
+    """How one call runs: `warps` per 16-row tile (K split that many ways: 1, 2, 4, 8 or 16), a
+    ring of `stages` slots per warp (a block shape of BLOCK_SHAPES); early_start None:
+    programmatic dependent launch where pdl.active says so (graph capture)."""
 
     warps: int = 8
     stages: int = 4
     early_start: bool | None = None
+
+    def __post_init__(self):
+        if self.warps not in (1, 2, 4, 8, 16) or (block_threads(self.warps), self.stages) not in BLOCK_SHAPES:
+            raise ValueError(f"no W4A16 kernel for {self.warps} warps with a ring of {self.stages}: "
+                             f"warps 1-8 take rings of 4, 5 or 8 slots, 16 warps rings of 4 or 5")
 
 
 def pick_config(n: int, k: int, num_sms: int) -> MmaConfig:
@@ -835,7 +851,8 @@ def w4a16_mma_linear(x: torch.Tensor, w: MmaWeights, bias: torch.Tensor | None =
         rows = min(MAX_ROWS, m - m0)
         mb = next(b for b in BATCH_BLOCKS if 8 * b >= rows)
         xs, outs = x[m0:m0 + rows], out[m0:m0 + rows]
-        _launch(entry_name(mb, config.stages, split_group), x.device, -(-w.n // 16), 32 * config.warps,
+        _launch(entry_name(mb, config.stages, split_group, block_threads(config.warps)), x.device, -(-w.n // 16),
+                32 * config.warps,
                 shared_bytes(config, mb, split_group),
                 (xs.data_ptr(), xs.stride(0), rows, w.qweight.data_ptr(), w.scale_zero.data_ptr(),
                  0 if bias is None else bias.data_ptr(), outs.data_ptr(), outs.stride(0), w.n, k, gshift,
