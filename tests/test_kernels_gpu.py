@@ -14,7 +14,6 @@ with room to spare. NaN never passes (the comparison with NaN is False), and out
 poisoned with NaN before each run so that an unwritten element fails.
 """
 
-import math
 
 import pytest
 import torch
