@@ -34,7 +34,7 @@ from edgellm.engine.kernels import pdl, w4a16, w4a16_cuda  # noqa: E402
 
 # (name, N, K): Llama-3.2-1B and Llama-3.1-8B projections (qkv and gate|up fused)
 SHAPES = [
-    ("1B qkv", 6144, 2048),
+    ("1B qkv", 3072, 2048),
     ("1B o", 2048, 2048),
     ("1B gate_up", 16384, 2048),
     ("1B down", 2048, 8192),
@@ -178,10 +178,11 @@ def bench_cublas(m, n, k, gen):
 ATTENTION_SHAPES = [("8B", 32, 8, 128), ("1B", 32, 8, 64)]
 
 
-def bench_attention(gen, bw, batches, seq_lens, splits_factors, s_max: int = 4096) -> list[dict]:
+def bench_attention(gen, bw, batches, seq_lens, splits_factors, min_chunks, s_max: int = 4096) -> list[dict]:
     """decode_attention_rope (the engine's decode attention: rope, KV write, split attention
     and merge) per shape, batch and context, at pick_splits' choice and at that choice times
-    each of `splits_factors`. Bytes = the K and V read + q|k|v in + out."""
+    each of `splits_factors`, each with chunks of at least each of `min_chunks` positions (0: one
+    tile). Bytes = the K and V read + q|k|v in + out."""
     rows = []
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     for name, hq, hkv, d in ATTENTION_SHAPES:
@@ -199,16 +200,20 @@ def bench_attention(gen, bw, batches, seq_lens, splits_factors, s_max: int = 409
                 counters = torch.zeros(b * hkv, dtype=torch.int32, device="cuda")
                 picked = attn.pick_splits(b, hkv, s_max, sms, attn._tiles(hq, hkv, d)[2])
                 for factor in [1.0] + [f for f in splits_factors if f != 1.0]:
-                    splits = max(1, round(picked * factor))
-                    calls = [lambda kc=kc, vc=vc, n=splits: attn.decode_attention_rope(
-                        qkv, positions, slots, cos, sin, kc, vc, hq, hkv, d ** -0.5, counters, splits=n)
-                        for kc, vc in caches * max(1, 30 // copies)]
-                    t = graph_time_us(calls)
-                    nbytes = read + b * (hq + 2 * hkv) * d * 2 + b * hq * d * 2
-                    rows.append(dict(shape=name, B=b, Hq=hq, Hkv=hkv, D=d, S_max=s_max, seq_len=seq, splits=splits,
-                                     picked=factor == 1.0, us=t, bytes=nbytes, pct_bw=100 * nbytes / t / 1e3 / bw))
-                    print(f"  attention {name} B={b} seq {seq} splits {splits:3d}{' (picked)' if factor == 1.0 else '         '}: "
-                          f"{t:6.2f} us {rows[-1]['pct_bw']:5.1f}% bw", flush=True)
+                    for min_chunk in [0] + [c for c in min_chunks if c]:
+                        splits = max(1, round(picked * factor))
+                        calls = [lambda kc=kc, vc=vc, n=splits, mc=min_chunk or None: attn.decode_attention_rope(
+                            qkv, positions, slots, cos, sin, kc, vc, hq, hkv, d ** -0.5, counters, splits=n, min_chunk=mc)
+                            for kc, vc in caches * max(1, 30 // copies)]
+                        t = graph_time_us(calls)
+                        nbytes = read + b * (hq + 2 * hkv) * d * 2 + b * hq * d * 2
+                        picked_now = factor == 1.0 and not min_chunk
+                        rows.append(dict(shape=name, B=b, Hq=hq, Hkv=hkv, D=d, S_max=s_max, seq_len=seq, splits=splits,
+                                         min_chunk=min_chunk, picked=picked_now, us=t, bytes=nbytes,
+                                         pct_bw=100 * nbytes / t / 1e3 / bw))
+                        print(f"  attention {name} B={b} seq {seq} splits {splits:3d} min chunk {min_chunk:4d}"
+                              f"{' (picked)' if picked_now else '         '}: {t:6.2f} us {rows[-1]['pct_bw']:5.1f}% bw",
+                              flush=True)
                 del caches
                 torch.cuda.empty_cache()
     return rows
@@ -259,6 +264,7 @@ def main() -> None:
     ap.add_argument("--attention-seq", default="512,4096", help="context lengths for the attention table")
     ap.add_argument("--attention-splits", default="0.5,2",
                     help="also time the attention at pick_splits' choice times these factors")
+    ap.add_argument("--attention-min-chunks", default="128,256", help="also time the attention with these least chunks")
     ap.add_argument("--ncu-target", help="only run one kernel a few times (for ncu): gemv1, mma8 or mma:SHAPE:M")
     args = ap.parse_args()
     g = args.group_size
@@ -323,7 +329,8 @@ def main() -> None:
 
     floats = lambda text: [float(v) for v in text.split(",") if v]  # noqa: E731
     result["attention"] = bench_attention(gen, bw, [int(v) for v in floats(args.attention_batches)],
-                                          [int(v) for v in floats(args.attention_seq)], floats(args.attention_splits))
+                                          [int(v) for v in floats(args.attention_seq)], floats(args.attention_splits),
+                                          [int(v) for v in floats(args.attention_min_chunks)])
     result["seconds"] = time.time() - t0
     Path(args.out).write_text(json.dumps(result, indent=1))
 
@@ -341,13 +348,13 @@ def main() -> None:
         print("prefill:", "; ".join(f"{r['shape']} M={r['M']} {r['us']:.0f} us (Triton {r['triton_us']:.0f}, "
                                     f"cuBLAS fp16 {r['cublas_us']:.0f})" for r in result["prefill"]))
     print("decode attention (rope + KV write + splits + merge, one kernel), us at pick_splits' choice "
-          "[fastest splits: us]:")
+          "[the fastest measured: us]:")
     for r in result["attention"]:
         if r["picked"]:
             same = [o for o in result["attention"] if (o["shape"], o["B"], o["seq_len"]) == (r["shape"], r["B"], r["seq_len"])]
             best = min(same, key=lambda o: o["us"])
             print(f"  {r['shape']} B={r['B']} seq {r['seq_len']:5d}: splits {r['splits']:3d} {r['us']:6.2f} us "
-                  f"{r['pct_bw']:5.1f}% bw   [{best['splits']}: {best['us']:.2f}]")
+                  f"{r['pct_bw']:5.1f}% bw   [{best['splits']} splits, min chunk {best['min_chunk']}: {best['us']:.2f}]")
 
 
 if __name__ == "__main__":

@@ -103,7 +103,7 @@ def _reference(qkv, positions, slots, cos, sin, k_cache, v_cache, hq, hkv, scale
     return out
 
 
-def _check(hq, hkv, d, s_max, slot_list, pos_list, splits, device, seed=0) -> float:
+def _check(hq, hkv, d, s_max, slot_list, pos_list, splits, device, seed=0, min_chunk=None) -> float:
     """Runs decode_attention_rope twice on copies of the same caches and checks (a)-(d);
     returns the relative error."""
     from edgellm.engine.kernels import fused
@@ -128,11 +128,12 @@ def _check(hq, hkv, d, s_max, slot_list, pos_list, splits, device, seed=0) -> fl
         k, v = k_cache.clone(), v_cache.clone()
         out = torch.full((b, hq, d), float("nan"), dtype=torch.float16, device=device)
         pos_arg = positions if trial == 0 else positions[:, None]  # [B] and [B, 1] alike
-        ret = decode_attention_rope(qkv, pos_arg, slots, cos, sin, k, v, hq, hkv, scale, counters, splits=splits, out=out)
+        ret = decode_attention_rope(qkv, pos_arg, slots, cos, sin, k, v, hq, hkv, scale, counters, splits=splits, out=out,
+                                    min_chunk=min_chunk)
         assert ret is out
         err = _rel_err(out, ref)
         print(f"decode_attention_rope Hq={hq} Hkv={hkv} D={d} S_max={s_max} slots={slot_list} positions={pos_list} "
-              f"splits={splits} call {trial}: rel err {err:.2e}")
+              f"splits={splits} min_chunk={min_chunk} call {trial}: rel err {err:.2e}")
         assert torch.isfinite(out).all(), "unwritten output, or a NaN entry of the cache was read"  # (a)
         assert err < REL_TOL
         assert _same_bits(k, k_expected) and _same_bits(v, v_expected), "caches differ from rope_and_write_kv's"  # (b)
@@ -154,6 +155,13 @@ CASES = [
     (32, 1, 128, 8192, [0], [8000], 128),  # MQA, 126 chunks of 64: the merge runs over several blocks of chunks
     (32, 8, 128, 4096, [0], [4095], 3),  # splits not a power of two: chunks of 1408, 1408 and 1280
 ]
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_decode_attention_rope_min_chunk():
+    """Chunks of at least 256: 16 chunks for 4096 positions, 4 for 1000, 1 for 100."""
+    _check(32, 8, 128, 4096, [0, 1, 2], [4095, 999, 99], 16, "cuda", seed=9, min_chunk=256)
 
 
 @pytest.mark.parametrize("hq,hkv,d,s_max,slot_list,pos_list,splits", CASES)
@@ -261,6 +269,12 @@ INTERPRETER_CASES = [
     (8, 2, 128, 256, [3, 1], [255, 17], 1),  # one split: no partials, no counters
     (8, 2, 64, 1024, [0, 1], [1023, 300], 3),  # 3 splits: chunks of 384 (6 tiles each) and of 128
 ]
+
+
+@needs_interpreter
+def test_decode_attention_rope_min_chunk_in_the_interpreter():
+    """8 splits, chunks of at least 256: 4 chunks for 1024 positions, 2 for 301."""
+    _check(8, 2, 64, 1024, [0, 1], [1023, 300], 8, "cpu", seed=5, min_chunk=256)
 
 
 @pytest.mark.parametrize("hq,hkv,d,s_max,slot_list,pos_list,splits", INTERPRETER_CASES)

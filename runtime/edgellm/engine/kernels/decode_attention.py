@@ -89,6 +89,7 @@ def decode_attention_rope(
     partials: torch.Tensor | None = None,
     splits: int | None = None,
     out: torch.Tensor | None = None,
+    min_chunk: int | None = None,
 ) -> torch.Tensor:
     """A decode step's attention in one launch: rotary embedding of q and k from the fused
     projection output, k and v of the new token written into the caches (what
@@ -97,11 +98,15 @@ def decode_attention_rope(
 
     qkv [B, (Hq + 2 Hkv) * D] fp16, contiguous in the last axis; positions [B] or [B, 1]
     (the new token's position: seq_len = position + 1); slots [B]; cos/sin float32
-    [S_max, D] in the rotate-half convention; caches [rows, Hkv, S_max, D] fp16.
+    [S_max, D] in the rotate-half convention; caches [rows, Hkv, S_max, D] fp16. Launched to
+    start early (kernels/pdl.py), the kernel reads positions, slots, cos and sin before it
+    waits for the kernel launched just before it: that kernel must not write them (in the
+    engine they are the decode step's inputs, written before the step).
     counters: int32, at least B * Hkv elements, all zero; they are zero again when the kernel
     ends, so one tensor serves every layer and graph replay on a stream (not two launches
     running at once). splits: programs per (row, kv head), each taking an equal share of
-    the row's sequence (None: pick_splits'). partials: float32 scratch of at least
+    the row's sequence, and at least min_chunk positions (None: one tile of the kernel; a
+    larger min_chunk gives a short row fewer programs, each with more of it). partials: float32 scratch of at least
     B * Hq * splits * (D + 2) elements; allocated here when None. Neither partials nor
     counters are used when splits is 1."""
     if triton is None:
@@ -137,6 +142,7 @@ def decode_attention_rope(
         splits = pick_splits(b, hkv, s_max, sm_count(qkv.device), block_s)
     if splits < 1:
         raise ValueError(f"splits must be at least 1, got {splits}")
+    min_chunk = block_s if min_chunk is None else triton_cdiv(min_chunk, block_s) * block_s
     if out is None:
         out = torch.empty(b, hq, d, dtype=qkv.dtype, device=qkv.device)
     elif out.shape != (b, hq, d) or out.dtype != torch.float16 or out.stride(-1) != 1:
@@ -166,7 +172,7 @@ def decode_attention_rope(
         qkv.stride(0), cos.stride(0), sk[0], sk[1], sk[2], out.stride(0), out.stride(1),
         scale * 1.4426950408889634,
         HQ=hq, HKV=hkv, GROUP=group, D=d, BLOCK_G=block_g, BLOCK_S=block_s, SPLITS=splits,
-        MAX_CHUNK=triton_cdiv(triton_cdiv(s_max, splits), block_s) * block_s,
+        MIN_CHUNK=min_chunk, MAX_CHUNK=max(min_chunk, triton_cdiv(triton_cdiv(s_max, splits), block_s) * block_s),
         BLOCK_H=block_h, MERGE_C=merge_c, INTERPRET=_interpreting(), num_warps=4, num_stages=3,
         # The next kernel (the o projection) may start once every program has passed its wait
         # (NEXT_EARLY) or only as programs end: EDGELLM_ATTN_NEXT_EARLY=0 measures the second.
@@ -183,28 +189,35 @@ if triton is not None:
         qkv_ptr, pos_ptr, slot_ptr, cos_ptr, sin_ptr, k_ptr, v_ptr, out_ptr, part_o_ptr, part_ml_ptr, count_ptr,
         stride_t, stride_cos, stride_kslot, stride_kh, stride_ks, stride_ob, stride_oh, qk_scale,
         HQ: tl.constexpr, HKV: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, BLOCK_G: tl.constexpr,
-        BLOCK_S: tl.constexpr, SPLITS: tl.constexpr, MAX_CHUNK: tl.constexpr, BLOCK_H: tl.constexpr,
+        BLOCK_S: tl.constexpr, SPLITS: tl.constexpr, MIN_CHUNK: tl.constexpr, MAX_CHUNK: tl.constexpr,
+        BLOCK_H: tl.constexpr,
         MERGE_C: tl.constexpr, INTERPRET: tl.constexpr, PDL: tl.constexpr, NEXT_EARLY: tl.constexpr,
     ):
-        if PDL:
-            tl.extra.cuda.gdc_wait()
-            if NEXT_EARLY:
-                tl.extra.cuda.gdc_launch_dependents()
         HALF: tl.constexpr = D // 2
         pid = tl.program_id(0)
         c = tl.program_id(1)
         b = pid // HKV
         h = pid % HKV
+        # Under early start (PDL) the step's inputs (positions, slots: written before the step's
+        # first kernel) and the rotary tables are read before waiting for the previous kernel
+        # (the q|k|v projection), so that only its output is waited on; programs with no part
+        # of the sequence end without waiting.
         pos = tl.load(pos_ptr + b).to(tl.int32)
+        slot = tl.load(slot_ptr + b).to(tl.int64)
         seq_len = pos + 1
-        # This row's chunk: an equal share of its current length, whole tiles.
-        chunk = tl.cdiv(tl.cdiv(seq_len, SPLITS), BLOCK_S) * BLOCK_S
+        # This row's chunk: an equal share of its current length, whole tiles, at least MIN_CHUNK.
+        chunk = tl.maximum(tl.cdiv(tl.cdiv(seq_len, SPLITS), BLOCK_S) * BLOCK_S, MIN_CHUNK)
         start = c * chunk
         if start < seq_len:
-            slot = tl.load(slot_ptr + b).to(tl.int64)
+            rd = tl.arange(0, D)
+            cs_d = tl.load(cos_ptr + pos * stride_cos + rd)
+            sn_d = tl.load(sin_ptr + pos * stride_cos + rd)
+            if PDL:
+                tl.extra.cuda.gdc_wait()
+                if NEXT_EARLY:
+                    tl.extra.cuda.gdc_launch_dependents()
             row = qkv_ptr + b.to(tl.int64) * stride_t  # this row's q heads, then k heads, then v heads
             kv_off = slot * stride_kslot + h * stride_kh
-            rd = tl.arange(0, D)
             if pos < start + chunk:
                 # The new token is in this chunk: rope its k and write k and v into the cache,
                 # with fused._rope_kv_kernel's arithmetic (the caches hold the same bits).
@@ -228,8 +241,6 @@ if triton is not None:
             x = tl.load(q_row + rd[None, :], mask=g_mask[:, None], other=0.0).to(tl.float32)
             x_other = tl.load(q_row + ((rd + HALF) % D)[None, :], mask=g_mask[:, None], other=0.0).to(tl.float32)
             rotated = tl.where(rd[None, :] < HALF, -x_other, x_other)
-            cs_d = tl.load(cos_ptr + pos * stride_cos + rd)
-            sn_d = tl.load(sin_ptr + pos * stride_cos + rd)
             q = (x * cs_d[None, :] + rotated * sn_d[None, :]).to(tl.float16)
 
             rs = tl.arange(0, BLOCK_S)

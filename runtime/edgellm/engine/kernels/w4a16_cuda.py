@@ -748,15 +748,22 @@ class MmaConfig:
 
 
 def pick_config(n: int, k: int, num_sms: int) -> MmaConfig:
-    """8 warps per tile where K has >= 2 chunk pairs per warp: the most warps per SM (their
-    rings keep the loads in flight) for the fewest cross-warp sums. Where the tiles give at
-    most two blocks per SM, occupancy is bound by the block count, not by shared memory, so
-    each warp gets the deeper ring (more bytes in flight). Measured in docs/dev/kernels-notes.md."""
+    """Where the tiles fill the SMs with blocks (more than two per SM): 8 warps per tile (K
+    split 8 ways: the most warps per SM for the fewest cross-warp sums), each with a ring of
+    4 pairs (shared memory and L1 for 4 blocks per SM). Where they give at most two blocks per
+    SM (o, down), occupancy is bound by the block count: 16 warps per tile where K has at least
+    2 pairs per warp for them (8B o and down: 14.6 against 15.6 us at M = 1, 1B down 5.9
+    against 7.2), with a ring of 5 where that holds the warp's whole share (it is then all
+    requested before the wait for the previous kernel) and of 4 otherwise; else 8 warps with
+    the deep ring. Measured in docs/dev/kernels-notes.md (sweep-mma)."""
     warps = 8
     while warps > 1 and k // 128 < 2 * warps:
         warps //= 2
-    stages = RING_STAGES[-1] if -(-n // 16) <= 2 * num_sms else RING_STAGES[0]
-    return MmaConfig(warps, stages)
+    if -(-n // 16) > 2 * num_sms:
+        return MmaConfig(warps, RING_STAGES[0])
+    if k // 128 >= 2 * 16:
+        return MmaConfig(16, 5 if k // 128 <= 4 * 16 else 4)
+    return MmaConfig(warps, RING_STAGES[-1])
 
 
 def shared_bytes(config: MmaConfig, mb: int, split_group: bool) -> int:
