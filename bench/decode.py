@@ -310,7 +310,7 @@ def main() -> int:
         warm["cold_cache_total_s"] = cold["total_s"]
         log(f"  start to warm, empty kernel and bytecode caches: {cold}")
         log(f"  start to warm, kernel cache filled: {warm}")
-        # The engine's own peak: what an earlier shape's transformers run left allocated is not its.
+        # The engine's own peak: what earlier shapes' runs (transformers included) left allocated is not its.
         torch.cuda.reset_peak_memory_stats()
         held_before = torch.cuda.memory_allocated()
         engine = Engine.load(engine_dir, device="cuda")
