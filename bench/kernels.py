@@ -159,14 +159,6 @@ def mma_candidates(n: int, k: int, sms: int):
     C = w4a16_cuda.MmaConfig
     chosen = w4a16_cuda.pick_config(n, k, sms)
     out = [chosen, dataclasses.replace(chosen, early_start=False)]
-    # Several tiles per block: 1 (the one-tile kernel's work in the looping kernel), 2-4, and as
-    # many as make one wave of the blocks that fit an SM at once.
-    resident = w4a16_cuda.min_blocks_per_sm(1, chosen.stages, w4a16_cuda.block_threads(chosen.warps)) * sms
-    one_wave = -(-(-(-n // 16)) // resident)
-    for stages in (chosen.stages, 5, 8):
-        if (w4a16_cuda.block_threads(chosen.warps), stages) in w4a16_cuda.BLOCK_SHAPES:
-            for tiles in dict.fromkeys((1, 2, 3, 4, one_wave) if stages == chosen.stages else (one_wave,)):
-                out.append(dataclasses.replace(chosen, stages=stages, tiles_per_block=tiles))
     out += [C(warps, stages) for warps in (2, 4, 8, 16) for stages in (4, 5, 8)
             if k // 128 >= 2 * warps and (w4a16_cuda.block_threads(warps), stages) in w4a16_cuda.BLOCK_SHAPES]
     return list(dict.fromkeys(out))
@@ -231,7 +223,7 @@ def ncu_target(which: str, g: int, sms: int) -> None:
     """A few launches of one kernel for ncu: "gemv1" / "mma8" (Triton, 8B gate_up), or
     mma:SHAPE:M for the tensor-core kernel (e.g. "mma:8B down:1")."""
     if ":" in which:
-        _, shape, m, *tiles = which.split(":")
+        _, shape, m = which.split(":")
         n, k = next((n, k) for name, n, k in SHAPES if name == shape)
         m = int(m)
         gen = torch.Generator(device="cuda").manual_seed(0)
@@ -239,8 +231,6 @@ def ncu_target(which: str, g: int, sms: int) -> None:
         w = w4a16_cuda.MmaWeights.from_rowpacked(qw, s, z, g)
         x = torch.randn(m, k, device="cuda", generator=gen).half()
         cfg = w4a16_cuda.pick_config(n, k, sms)
-        if tiles:
-            cfg = dataclasses.replace(cfg, tiles_per_block=int(tiles[0]))
         print(which, cfg)
         for _ in range(5):
             w4a16_cuda.w4a16_mma_linear(x, w, config=cfg)
@@ -321,8 +311,7 @@ def main() -> None:
                 for cand in mma_candidates(n, k, sms):
                     t = bench_mma(m, n, k, g, mma_copies, gen, cand)
                     result["sweep"].append(dict(shape=name, N=n, K=k, M=m, config=cand.__dict__, us=t))
-                    print(f"  sweep {name} M={m} warps {cand.warps} stages {cand.stages} early start {cand.early_start} "
-                          f"tiles/block {cand.tiles_per_block}: {t:.1f} us "
+                    print(f"  sweep {name} M={m} warps {cand.warps} stages {cand.stages} early start {cand.early_start}: {t:.1f} us "
                           f"{100 * w4_bytes(m, n, k, g) / t / 1e3 / bw:5.1f}% bw", flush=True)
             t_triton = bench_w4a16(m, n, k, g, copies, cfg, gen)
             t = bench_mma(m, n, k, g, mma_copies, gen) if mma_ok else t_triton

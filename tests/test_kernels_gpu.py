@@ -14,7 +14,6 @@ with room to spare. NaN never passes (the comparison with NaN is False), and out
 poisoned with NaN before each run so that an unwritten element fails.
 """
 
-import dataclasses
 
 import pytest
 import torch
@@ -284,18 +283,9 @@ def test_mma_kernel_matches_dequantized_reference(n, k, g, bias, m):
     assert err < REL_TOL
 
 
-def _tiles_config(w4a16_cuda, n: int, k: int, tiles_per_block: int | None):
-    """pick_config's choice with `tiles_per_block` tiles per block (None: its own)."""
-    if tiles_per_block is None:
-        return None
-    chosen = w4a16_cuda.pick_config(n, k, torch.cuda.get_device_properties(0).multi_processor_count)
-    return dataclasses.replace(chosen, tiles_per_block=tiles_per_block)
-
-
-@pytest.mark.parametrize("tiles_per_block", [None, 3])
 @pytest.mark.parametrize("g", [64, 128])
 @pytest.mark.parametrize("m", [1, 3, 8, 13, 16, 17, 100])
-def test_mma_gate_up_kernel_returns_silu_of_gate_times_up(g, m, tiles_per_block):
+def test_mma_gate_up_kernel_returns_silu_of_gate_times_up(g, m):
     """The fused gate|up projection (rows interleaved at load) gives SiLU(gate) * up of the
     plain projection's fp16 output, as fused.silu_mul computes it: decode (in the kernel's
     epilogue) and prefill (dequantize + cuBLAS) alike, with a bias."""
@@ -310,18 +300,16 @@ def test_mma_gate_up_kernel_returns_silu_of_gate_times_up(g, m, tiles_per_block)
     gate_up = w4a16_cuda.w4a16_mma_linear(x, plain, bias).float()
     ref = torch.nn.functional.silu(gate_up[:, :inter]) * gate_up[:, inter:]
     out = _poisoned(m, inter)
-    w4a16_cuda.w4a16_mma_linear(x, fused, w4a16_cuda.interleave_gate_up(bias), out=out,
-                                config=_tiles_config(w4a16_cuda, 2 * inter, k, tiles_per_block))
+    w4a16_cuda.w4a16_mma_linear(x, fused, w4a16_cuda.interleave_gate_up(bias), out=out)
     err = _rel_err(out, ref)
-    print(f"mma gate|up + SiLU M={m} G={g} tiles/block {tiles_per_block}: rel err {err:.2e}")
+    print(f"mma gate|up + SiLU M={m} G={g}: rel err {err:.2e}")
     assert torch.isfinite(out).all(), "unwritten or non-finite output"
     assert err < REL_TOL
 
 
-@pytest.mark.parametrize("tiles_per_block", [None, 3])
 @pytest.mark.parametrize("gate_up", [False, True])
 @pytest.mark.parametrize("m", [1, 3, 8, 13, 16])
-def test_mma_kernel_with_a_norm_folded_in_matches_norm_then_projection(gate_up, m, tiles_per_block):
+def test_mma_kernel_with_a_norm_folded_in_matches_norm_then_projection(gate_up, m):
     """Fold(in_sumsq): the projection of RMSNorm(h) * weight, given h * weight and h's sums of
     squares, matches the norm (fused.add_rms_norm) followed by the plain projection."""
     from edgellm.engine.kernels import fused as glue
@@ -345,19 +333,16 @@ def test_mma_kernel_with_a_norm_folded_in_matches_norm_then_projection(gate_up, 
     assert torch.allclose(sumsq[0], h.float().pow(2).sum(-1), rtol=1e-5) and not sumsq[1:].any()
     out = _poisoned(m, n // 2 if gate_up else n)
     w4a16_cuda.w4a16_mma_linear(scaled, packed, w4a16_cuda.interleave_gate_up(bias) if gate_up else bias, out=out,
-                                fold=w4a16_cuda.Fold(in_sumsq=sumsq[0], eps=eps),
-                                config=_tiles_config(w4a16_cuda, n, k, tiles_per_block))
+                                fold=w4a16_cuda.Fold(in_sumsq=sumsq[0], eps=eps))
     err = _rel_err(out, ref)
-    print(f"mma with the norm folded in, M={m} gate_up={gate_up} tiles/block {tiles_per_block}: rel err {err:.2e} "
-          "against norm + projection")
+    print(f"mma with the norm folded in, M={m} gate_up={gate_up}: rel err {err:.2e} against norm + projection")
     assert torch.isfinite(out).all(), "unwritten or non-finite output"
     assert err < REL_TOL
 
 
-@pytest.mark.parametrize("tiles_per_block", [None, 3])
 @pytest.mark.parametrize("m", [1, 5, 8, 16])
 @pytest.mark.parametrize("n", [4096, 1000])
-def test_mma_kernel_adding_into_the_residual_stream_prepares_the_next_norm(m, n, tiles_per_block):
+def test_mma_kernel_adding_into_the_residual_stream_prepares_the_next_norm(m, n):
     """Fold(add_to_out, out_sumsq, next_weight): the residual stream gets the projection added
     (as fused.add_rms_norm adds: fp16 before and after), bit for bit; the next norm's input
     h * weight bit for bit, and h's sums of squares added to what the buffer held."""
@@ -375,8 +360,7 @@ def test_mma_kernel_adding_into_the_residual_stream_prepares_the_next_norm(m, n,
     scaled = _poisoned(m, n)
     out = residual.clone()
     w4a16_cuda.w4a16_mma_linear(x, packed, out=out, fold=w4a16_cuda.Fold(add_to_out=True, out_sumsq=sumsq,
-                                                                           next_weight=weight, scaled=scaled),
-                                config=_tiles_config(w4a16_cuda, n, k, tiles_per_block))
+                                                                           next_weight=weight, scaled=scaled))
     sums_err = ((sumsq - 7.0 - new_residual.float().pow(2).sum(-1)).abs().max() / new_residual.float().pow(2).sum(-1).min()).item()
     print(f"mma adding into the residual, M={m} N={n}: sums of squares rel err {sums_err:.1e}")
     assert torch.equal(out, new_residual)
@@ -417,10 +401,7 @@ def _mma_configs():
     from edgellm.engine.kernels.w4a16_cuda import MmaConfig
 
     configs = [MmaConfig(w, stages, early) for w in (1, 2, 4, 8) for stages in (4, 5, 8) for early in (False, True)]
-    configs += [MmaConfig(16, stages, early) for stages in (4, 5) for early in (False, True)]
-    # blocks of several tiles (some with one tile fewer than others)
-    return configs + [MmaConfig(w, stages, True, tiles) for w, stages in ((1, 4), (8, 4), (8, 8), (16, 4))
-                      for tiles in (1, 3)]
+    return configs + [MmaConfig(16, stages, early) for stages in (4, 5) for early in (False, True)]
 
 
 @pytest.mark.parametrize("config", _mma_configs(), ids=str)

@@ -394,275 +394,6 @@ __device__ __forceinline__ void w4a16_mma(
     }
 }
 
-// The epilogue of one 16-row tile (warp 0, after the cross-warp sum): acc[mb][r] is output row
-// 16 tile + g + 8 (r / 2) of x row 8 mb + 2 t + r % 2 (the C fragment).
-template <int MB>
-__device__ __forceinline__ void store_tile(
-    float (&acc)[MB][4], int tile, int g, int t, int M, int N, int K, const u16* __restrict__ bias,
-    u16* __restrict__ out, long long stride_om, int gate_up, const Fold& fold)
-{
-    if (fold.in_sumsq != 0) {
-        // x is RMSNorm's input times its weight (see Fold): the norm's 1 / rms scales the sums.
-#pragma unroll
-        for (int mb = 0; mb < MB; ++mb)
-#pragma unroll
-            for (int e = 0; e < 2; ++e) {
-                const int m = 8 * mb + 2 * t + e;
-                const float inv_rms = m < M ? rsqrtf(fold.in_sumsq[m] / (float)K + fold.eps) : 0.f;
-                acc[mb][e] *= inv_rms;
-                acc[mb][2 + e] *= inv_rms;
-            }
-    }
-    if (gate_up) {
-        // Rows interleaved at load (interleave_gate_up): row g of the tile is the gate of feature
-        // 8 tile + g, row g + 8 its up. The lane holds both for x rows 2 t, 2 t + 1 and writes
-        // SiLU(gate) * up as fused.silu_mul computes it: from the fp16 gate and up, one rounding.
-#pragma unroll
-        for (int mb = 0; mb < MB; ++mb)
-#pragma unroll
-            for (int e = 0; e < 2; ++e) {
-                const int feature = tile * 8 + g, m = 8 * mb + 2 * t + e;
-                if (2 * feature < N && m < M) {
-                    float gate = acc[mb][e], up = acc[mb][2 + e];
-                    if (bias != 0) {
-                        gate += half_to_float(load_half(bias + tile * 16 + g));
-                        up += half_to_float(load_half(bias + tile * 16 + 8 + g));
-                    }
-                    gate = half_to_float(float_to_half(gate));
-                    up = half_to_float(float_to_half(up));
-                    out[m * stride_om + feature] = float_to_half(gate / (1.f + exp_approx(-gate)) * up);
-                }
-            }
-        return;
-    }
-    // All loads first (one round trip), then the arithmetic and the stores.
-    float bias_v[2] = {0.f, 0.f}, next_weight[2] = {0.f, 0.f}, residual[MB][4];
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-        const int row = tile * 16 + g + 8 * h;
-        if (row < N && bias != 0) bias_v[h] = half_to_float(load_half(bias + row));
-        if (row < N && fold.next_weight != 0) next_weight[h] = half_to_float(load_half(fold.next_weight + row));
-    }
-#pragma unroll
-    for (int mb = 0; mb < MB; ++mb)
-#pragma unroll
-        for (int r = 0; r < 4; ++r) {
-            const int row = tile * 16 + g + 8 * (r >> 1), m = 8 * mb + 2 * t + (r & 1);
-            residual[mb][r] = fold.add_to_out && row < N && m < M ? half_to_float(out[m * stride_om + row]) : 0.f;
-        }
-    float squares[MB][2];  // (fold.out_sumsq) this lane's share of x row 8 mb + 2 t + e's sum of squares
-#pragma unroll
-    for (int mb = 0; mb < MB; ++mb)
-#pragma unroll
-        for (int r = 0; r < 4; ++r) {
-            const int row = tile * 16 + g + 8 * (r >> 1), m = 8 * mb + 2 * t + (r & 1);
-            if (r < 2) squares[mb][r] = 0.f;
-            if (row < N && m < M) {
-                u16 result = float_to_half(acc[mb][r] + bias_v[r >> 1]);
-                if (fold.add_to_out)  // the residual stream: rounded to fp16 before and after the add
-                    result = float_to_half(half_to_float(result) + residual[mb][r]);
-                out[m * stride_om + row] = result;
-                const float f = half_to_float(result);
-                squares[mb][r & 1] += f * f;
-                if (fold.next_weight != 0) fold.scaled[m * fold.stride_scaled + row] = float_to_half(f * next_weight[r >> 1]);
-            }
-        }
-    if (fold.out_sumsq != 0) {  // sum the tile's 16 rows (lanes t, t + 4, .., t + 28), one atomic per x row
-#pragma unroll
-        for (int mb = 0; mb < MB; ++mb)
-#pragma unroll
-            for (int e = 0; e < 2; ++e) {
-                float s = squares[mb][e];
-                s += __shfl_xor_sync(0xffffffffu, s, 4);
-                s += __shfl_xor_sync(0xffffffffu, s, 8);
-                s += __shfl_xor_sync(0xffffffffu, s, 16);
-                const int m = 8 * mb + 2 * t + e;
-                if (g == 0 && m < M) atomicAdd(fold.out_sumsq + m, s);
-            }
-    }
-}
-
-// out[m, n] = sum_k x[m, k] * (q[n, k] - zero[n, k / G]) * scale[n, k / G] (+ bias[n]) for
-// M <= 8 * MB rows of x. Block b computes the 16-row output tiles b, b + gridDim.x, ...; its
-// warps take equal runs of the K / 128 chunk pairs (one step of the main loop: 1 KB of weights
-// per warp, so the fixed cost of a step, addresses, copies, waits and scaling, is paid once per
-// 1 KB), the same run in every tile, and meet in shared memory at each tile's end (no atomics,
-// no workspace, deterministic, CUDA-graph capturable).
-// Why several tiles per block: a block of one tile streams only its warps' few pairs (8B gate_up:
-// 4 per warp), so its ring fills at the start and drains at the end; a block that goes on to its
-// next tile keeps the ring requesting across the tile boundary, pays its start-up once, and finds
-// its run of x still in L1 (every tile reads the same run).
-// G = 1 << gshift, a power of two >= 64 dividing K. SPLIT_GROUP (G = 64): the two chunks of a
-// pair have scales of their own; otherwise one group holds the pair.
-// Within a chunk, MMA step j's fragment column kk stands for k = 16 t' + 4 j + 2 h + e
-// (kk = 2 t' + 8 h + e), so lane 4 g + t finds all its B fragments of the chunk in the 16
-// consecutive x values 64 c + 16 t .. + 15: two 16-byte loads (the weights are laid out to match).
-// Each warp streams its pairs, tile after tile, through a private ring of STAGES slots in shared
-// memory (a lane copies its own 32 bytes of weights and 8 (SPLIT_GROUP: 16) of scale/zero per
-// pair, and reads back only those: no barrier), STAGES - 1 pairs ahead of the arithmetic; x lines
-// are prefetched into L1 as far ahead. The first pairs are requested before waiting for the
-// previous kernel: weights never depend on it.
-template <int MB, int STAGES, bool SPLIT_GROUP>
-__device__ __forceinline__ void w4a16_mma_tiles(
-    const u16* __restrict__ x, long long stride_xm, int M, const uint4* __restrict__ qw,
-    const uint2* __restrict__ sz, const u16* __restrict__ bias,
-    u16* __restrict__ out, long long stride_om, int N, int K, int gshift, int gate_up, const Fold& fold,
-    unsigned char* smem)
-{
-    constexpr int SZ = SPLIT_GROUP ? 2 : 1;  // scale/zero words per lane and pair
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, warps = blockDim.x >> 5;
-    const int g = lane >> 2, t = lane & 3;
-    const int tiles = (N + 15) >> 4, first_tile = blockIdx.x, tile_step = gridDim.x;
-    const int n_tiles = (tiles - first_tile + tile_step - 1) / tile_step;
-    const int pairs = K >> 7, groups = K >> gshift;
-    const int p_begin = (pairs * warp) / warps, n_pairs = (pairs * (warp + 1)) / warps - p_begin;
-    const int pair_to_group = gshift - 7;  // (one group per pair) pair p lies in group p >> this
-    uint4* ring_w = reinterpret_cast<uint4*>(smem) + warp * STAGES * 64 + lane;    // slot s, chunk h at ring_w[64 s + 32 h]
-    uint2* ring_sz = reinterpret_cast<uint2*>(smem + warps * STAGES * 1024) + warp * STAGES * 32 * SZ + lane;  // ring_sz[32 (SZ s + h)]
-    // The cross-warp sums: two buffers in turn where the block has several tiles (a warp may
-    // write tile j + 1's while warp 0 still reads tile j's; tile j + 2's waits at j + 1's barrier).
-    float* red = reinterpret_cast<float*>(smem + warps * STAGES * (1024 + 256 * SZ));
-    const int red_size = (warps - 1) * 4 * MB * 32;
-
-    // The request cursor walks this warp's pairs of its tiles in order: pair p_begin + req_i of
-    // the tile whose weights start at req_w (and scales at req_sz), into slot req_slot.
-    const uint4* req_w = qw + ((long long)first_tile * 2 * pairs + 2 * p_begin) * 32 + lane;  // chunk h of pair i at req_w[64 i + 32 h]
-    const uint2* req_sz = sz + (long long)first_tile * groups * 8 + g;                         // group q at req_sz[8 q]
-    const long long w_step = (long long)tile_step * 2 * pairs * 32, sz_step = (long long)tile_step * groups * 8;
-    int req_i = 0, req_slot = 0, requested = 0;
-    const int total = n_tiles * n_pairs;
-
-    // x[g + 8 mb][128 p_begin + 16 t ..] as 16-byte vectors: pair i, chunk h at xr[mb] + 16 i + 8 h.
-    // Rows past M read row M - 1 (their sums are never stored): no predicates in the loop.
-    const uint4* xr[MB];
-    const u16* x_line[MB];  // lanes 4 g and 4 g + 1 bring chunk t's 128-byte line of row g into L1
-    bool x_prefetcher[MB];
-#pragma unroll
-    for (int mb = 0; mb < MB; ++mb) {
-        const int m = g + 8 * mb;
-        const u16* row = x + (long long)min(m, M - 1) * stride_xm + 128 * p_begin;
-        xr[mb] = reinterpret_cast<const uint4*>(row + 16 * t);
-        x_line[mb] = row + 64 * (t & 1);
-        x_prefetcher[mb] = t < 2 && m < M;
-    }
-    auto prefetch_x = [&](int i) {
-#pragma unroll
-        for (int mb = 0; mb < MB; ++mb)
-            if (x_prefetcher[mb]) prefetch_l1(x_line[mb] + 128 * i);
-    };
-    auto request_next = [&](bool with_x) {  // the next pair of the stream (if any), and its commit group
-        if (requested < total) {
-            copy_async16(ring_w + 64 * req_slot, req_w + 64 * req_i);
-            copy_async16(ring_w + 64 * req_slot + 32, req_w + 64 * req_i + 32);
-            if (SPLIT_GROUP) {
-                copy_async8(ring_sz + 64 * req_slot, req_sz + 16 * (p_begin + req_i));
-                copy_async8(ring_sz + 64 * req_slot + 32, req_sz + 16 * (p_begin + req_i) + 8);
-            } else {
-                copy_async8(ring_sz + 32 * req_slot, req_sz + 8 * ((p_begin + req_i) >> pair_to_group));
-            }
-            if (with_x) prefetch_x(req_i);
-            ++requested;
-            if (++req_i == n_pairs) {
-                req_i = 0;
-                req_w += w_step;
-                req_sz += sz_step;
-            }
-        }
-        req_slot = req_slot + 1 == STAGES ? 0 : req_slot + 1;
-        copy_async_commit();  // one group per pair, empty ones included: the wait counts groups
-    };
-    auto prefetch_epilogue = [&](int tile) {  // the epilogue's inputs into L1, so that its loads do not wait on L2
-#pragma unroll
-        for (int mb = 0; mb < MB; ++mb) {
-            const int m = 8 * mb + 2 * t + (g & 1);
-            if (g < 2 && m < M) {
-                if (fold.in_sumsq != 0) prefetch_l1(fold.in_sumsq + m);
-                if (fold.add_to_out) prefetch_l1(out + m * stride_om + tile * 16);
-            }
-        }
-        if (lane == 8 && bias != 0) prefetch_l1(bias + tile * 16);
-        if (lane == 9 && fold.next_weight != 0) prefetch_l1(fold.next_weight + tile * 16);
-    };
-
-    const u32 opaque_zero = (u32)(K >> 31);  // K > 0: the masks are their literals, unknown to the compiler
-    const NibbleMasks mask{0x000F000Fu + opaque_zero, 0x00F000F0u + opaque_zero};
-    for (int i = 0; i < STAGES - 1; ++i) request_next(false);
-    wait_for_previous_kernel();  // x and out belong to the kernels around this one
-    let_next_kernel_start();
-    for (int i = 0; i < STAGES - 1 && i < n_pairs; ++i) prefetch_x(i);
-
-    int slot = 0;  // the ring slot of the pair computed next
-    for (int tj = 0; tj < n_tiles; ++tj) {
-        const int tile = first_tile + tj * tile_step;
-        if (warp == 0) prefetch_epilogue(tile);
-        float acc[MB][4];
-#pragma unroll
-        for (int mb = 0; mb < MB; ++mb)
-#pragma unroll
-            for (int r = 0; r < 4; ++r) acc[mb][r] = 0.f;
-        for (int i = 0; i < n_pairs; ++i) {  // pair p_begin + i of the tile, in slot `slot`
-            request_next(true);  // into the slot read one pair ago
-            uint4 xv[MB][4];  // chunk h, half e at xv[mb][2 h + e]
-#pragma unroll
-            for (int mb = 0; mb < MB; ++mb)
-#pragma unroll
-                for (int v = 0; v < 4; ++v) xv[mb][v] = load_cached(xr[mb] + 16 * i + 8 * (v >> 1) + (v & 1));
-            copy_async_wait<STAGES - 1>();  // pair i has landed
-            const uint4 w[2] = {ring_w[64 * slot], ring_w[64 * slot + 32]};
-            const ScaleZero q0 = unpack_sz(ring_sz[32 * SZ * slot]);
-            const ScaleZero q[2] = {q0, SPLIT_GROUP ? unpack_sz(ring_sz[32 * SZ * slot + 32]) : q0};
-            slot = slot + 1 == STAGES ? 0 : slot + 1;
-            float part[2][2][MB][4];  // [chunk][even, odd step]: four independent MMA chains of two
-#pragma unroll
-            for (int h = 0; h < 2; ++h)
-#pragma unroll
-                for (int e = 0; e < 2; ++e)
-#pragma unroll
-                    for (int mb = 0; mb < MB; ++mb)
-#pragma unroll
-                        for (int r = 0; r < 4; ++r) part[h][e][mb][r] = 0.f;
-#pragma unroll
-            for (int h = 0; h < 2; ++h)
-#pragma unroll
-                for (int j = 0; j < 4; ++j) {
-                    u32 a[4];
-                    unpack_a(word_of(w[h], j), q[h].za, q[h].zb, mask, a);
-#pragma unroll
-                    for (int mb = 0; mb < MB; ++mb) {
-                        const uint4& v = xv[mb][2 * h + (j >> 1)];
-                        mma_16816(part[h][j & 1][mb], a, (j & 1) ? v.z : v.x, (j & 1) ? v.w : v.y);
-                    }
-                }
-#pragma unroll
-            for (int mb = 0; mb < MB; ++mb)
-#pragma unroll
-                for (int r = 0; r < 4; ++r) {  // C fragment values 0, 1: row g; 2, 3: row g + 8
-                    const float sum0 = part[0][0][mb][r] + part[0][1][mb][r], sum1 = part[1][0][mb][r] + part[1][1][mb][r];
-                    const float s0 = r < 2 ? q[0].sa : q[0].sb, s1 = r < 2 ? q[1].sa : q[1].sb;
-                    acc[mb][r] += SPLIT_GROUP ? s0 * sum0 + s1 * sum1 : s0 * (sum0 + sum1);
-                }
-        }
-        if (warps > 1) {  // warp 0 sums the other warps' partial tiles
-            float* buf = red + (tile_step < tiles ? (tj & 1) * red_size : 0);
-            if (warp > 0) {
-#pragma unroll
-                for (int mb = 0; mb < MB; ++mb)
-#pragma unroll
-                    for (int r = 0; r < 4; ++r) buf[((warp - 1) * 4 * MB + 4 * mb + r) * 32 + lane] = acc[mb][r];
-            }
-            __syncthreads();
-            if (warp == 0) {
-                for (int w = 1; w < warps; ++w)
-#pragma unroll
-                    for (int mb = 0; mb < MB; ++mb)
-#pragma unroll
-                        for (int r = 0; r < 4; ++r) acc[mb][r] += buf[((w - 1) * 4 * MB + 4 * mb + r) * 32 + lane];
-            }
-        }
-        if (warp == 0) store_tile<MB>(acc, tile, g, t, M, N, K, bias, out, stride_om, gate_up, fold);
-    }
-}
-
 #define MMA_ENTRY(NAME, MB, STAGES, SPLIT_GROUP, THREADS, MIN_BLOCKS)                                     \
     extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) NAME(                               \
         const u16* x, long long stride_xm, int M, const uint4* qw, const uint2* sz,                       \
@@ -673,17 +404,6 @@ __device__ __forceinline__ void w4a16_mma_tiles(
         const Fold fold{in_sumsq, eps, add_to_out, out_sumsq, next_weight, scaled, stride_scaled};        \
         w4a16_mma<MB, STAGES, SPLIT_GROUP>(x, stride_xm, M, qw, sz, bias, out, stride_om, N, K, gshift,   \
                                            gate_up, fold, smem);                                          \
-    }
-#define MMA_TILES_ENTRY(NAME, MB, STAGES, SPLIT_GROUP, THREADS, MIN_BLOCKS)                               \
-    extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) NAME(                               \
-        const u16* x, long long stride_xm, int M, const uint4* qw, const uint2* sz,                       \
-        const u16* bias, u16* out, long long stride_om, int N, int K, int gshift, int gate_up,            \
-        const float* in_sumsq, float eps, int add_to_out, float* out_sumsq, const u16* next_weight,       \
-        u16* scaled, long long stride_scaled) {                                                           \
-        extern __shared__ __align__(16) unsigned char smem[];                                             \
-        const Fold fold{in_sumsq, eps, add_to_out, out_sumsq, next_weight, scaled, stride_scaled};        \
-        w4a16_mma_tiles<MB, STAGES, SPLIT_GROUP>(x, stride_xm, M, qw, sz, bias, out, stride_om, N, K,     \
-                                                 gshift, gate_up, fold, smem);                            \
     }
 // The entries (w4a16_mma_mb<MB>_s<STAGES>[_t512][_g64]) are listed by compile_cubin: see ENTRIES.
 
@@ -788,11 +508,10 @@ def block_threads(warps: int) -> int:
     return 256 if warps <= 8 else 512
 
 
-def entry_name(mb: int, stages: int, split_group: bool, threads: int = 256, tiles: bool = False) -> str:
+def entry_name(mb: int, stages: int, split_group: bool, threads: int = 256) -> str:
     """The kernel entry for up to 8 * mb rows, a ring of `stages` slots, blocks of up to
     `threads` threads, and G = 64 (split_group) or more."""
-    return (f"w4a16_mma_mb{mb}_s{stages}" + ("_t512" if threads == 512 else "") + ("_g64" if split_group else "")
-            + ("_tiles" if tiles else ""))
+    return f"w4a16_mma_mb{mb}_s{stages}" + ("_t512" if threads == 512 else "") + ("_g64" if split_group else "")
 
 
 ENTRIES = [(mb, stages, split, threads) for mb in BATCH_BLOCKS for threads, stages in BLOCK_SHAPES for split in (False, True)]
@@ -812,9 +531,8 @@ def min_blocks_per_sm(mb: int, stages: int, threads: int = 256) -> int:
 def compile_cubin(sm: int) -> bytes:
     """The kernels as a cubin for SM `sm` (e.g. 90), compiled once and cached on disk.
     Needs NVRTC, not a GPU."""
-    entries = "".join(f"{'MMA_TILES_ENTRY' if tiles else 'MMA_ENTRY'}({entry_name(mb, stages, split, threads, tiles)}, "
-                      f"{mb}, {stages}, {str(split).lower()}, {threads}, {min_blocks_per_sm(mb, stages, threads)})\n"
-                      for mb, stages, split, threads in ENTRIES for tiles in (False, True))
+    entries = "".join(f"MMA_ENTRY({entry_name(mb, stages, split, threads)}, {mb}, {stages}, {str(split).lower()}, "
+                      f"{threads}, {min_blocks_per_sm(mb, stages, threads)})\n" for mb, stages, split, threads in ENTRIES)
     source = SOURCE + entries
     key = hashlib.sha256(source.encode() + f"sm_{sm}".encode()).hexdigest()[:16]
     path = cache_dir() / f"w4a16-mma-sm{sm}-{key}.cubin"
@@ -850,7 +568,7 @@ def _functions(device_index: int) -> dict[str, object]:
                       "cuDevicePrimaryCtxRetain")
         _ok(driver.cuCtxSetCurrent(context), "cuCtxSetCurrent")
     module = _ok(driver.cuModuleLoadData(compile_cubin(10 * major + minor)), "cuModuleLoadData")
-    ring = [entry_name(*e, tiles) for e in ENTRIES for tiles in (False, True)]
+    ring = [entry_name(*e) for e in ENTRIES]
     names = ring + ["w4a16_mma_dequant"]
     functions = {name: _ok(driver.cuModuleGetFunction(module, name.encode()), "cuModuleGetFunction") for name in names}
     # The rings take more than the 48 KB of shared memory a block gets without asking.
@@ -1022,7 +740,6 @@ class MmaConfig:
     warps: int = 8
     stages: int = 4
     early_start: bool | None = None
-    tiles_per_block: int | None = None
 
     def __post_init__(self):
         if self.warps not in (1, 2, 4, 8, 16) or (block_threads(self.warps), self.stages) not in BLOCK_SHAPES:
@@ -1049,11 +766,10 @@ def pick_config(n: int, k: int, num_sms: int) -> MmaConfig:
     return MmaConfig(warps, RING_STAGES[-1])
 
 
-def shared_bytes(config: MmaConfig, mb: int, split_group: bool, several_tiles: bool = False) -> int:
-    """Dynamic shared memory of one block: the warps' rings (weights, then scale/zero), then the
-    cross-warp sums (two buffers where a block computes several tiles)."""
+def shared_bytes(config: MmaConfig, mb: int, split_group: bool) -> int:
+    """Dynamic shared memory of one block: the warps' rings (weights, then scale/zero), then the cross-warp sums."""
     ring = config.warps * config.stages * (1024 + 256 * (2 if split_group else 1))
-    return ring + (2 if several_tiles else 1) * (config.warps - 1) * 4 * mb * 32 * 4
+    return ring + (config.warps - 1) * 4 * mb * 32 * 4
 
 
 @dataclasses.dataclass
@@ -1142,11 +858,9 @@ def w4a16_mma_linear(x: torch.Tensor, w: MmaWeights, bias: torch.Tensor | None =
         rows = min(MAX_ROWS, m - m0)
         mb = next(b for b in BATCH_BLOCKS if 8 * b >= rows)
         xs, outs = x[m0:m0 + rows], out[m0:m0 + rows]
-        tiles = -(-w.n // 16)
-        grid = tiles if config.tiles_per_block is None else -(-tiles // config.tiles_per_block)
-        _launch(entry_name(mb, config.stages, split_group, block_threads(config.warps), config.tiles_per_block is not None),
-                x.device, grid, 32 * config.warps,
-                shared_bytes(config, mb, split_group, grid < tiles),
+        _launch(entry_name(mb, config.stages, split_group, block_threads(config.warps)), x.device, -(-w.n // 16),
+                32 * config.warps,
+                shared_bytes(config, mb, split_group),
                 (xs.data_ptr(), xs.stride(0), rows, w.qweight.data_ptr(), w.scale_zero.data_ptr(),
                  0 if bias is None else bias.data_ptr(), outs.data_ptr(), outs.stride(0), w.n, k, gshift,
                  int(w.gate_up)) + (fold or _NO_FOLD).args(),
