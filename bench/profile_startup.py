@@ -75,7 +75,7 @@ def main() -> int:
         if m:
             imports.append((int(m.group(2)), len(m.group(3)), m.group(4)))
     top = sorted((i for i in imports if i[1] <= 5), reverse=True)[:30]  # top levels only: nested ones repeat them
-    report = [f"{args.shape}: first start {first['total_s']:.2f} s, second {again['total_s']:.2f} s: {again}",
+    report = [f"{args.shape}: start to warm, first start {first['to_warm_s']:.2f} s, second {again['to_warm_s']:.2f} s: {again}",
               "slowest imports (cumulative ms, nesting depth, module):"]
     report += [f"  {us / 1e3:8.1f}  {depth:2d}  {name}" for us, depth, name in top]
     report += ["profiled start:", proc.stdout[-12000:]]
