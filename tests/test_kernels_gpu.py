@@ -381,6 +381,17 @@ def test_mma_layout_is_the_same_on_the_gpu_and_dequantizes_exactly():
     assert torch.equal(dense, dequantize_fp16(qw.qweight, qw.scales, qw.zeros, 64))
 
 
+@pytest.mark.parametrize("n,k", [(16, 64), (24, 192), (1, 128), (2050, 4096)])
+def test_repack_kernel_writes_the_mma_layout(n, k):
+    """The load-time repack kernel gives to_mma_layout's words, all 32 bits of every word
+    (random words: every nibble value at every position), rows past N zero."""
+    w4a16_cuda = _mma_or_skip()
+    gen = torch.Generator().manual_seed(n * 7 + k)
+    qweight = torch.randint(-2**31, 2**31 - 1, (n, k // 8), dtype=torch.int64, generator=gen).to(torch.int32)
+    on_gpu = w4a16_cuda.repack_on_gpu(qweight.cuda())
+    assert torch.equal(on_gpu.cpu(), w4a16_cuda.to_mma_layout(qweight))
+
+
 def test_mma_kernel_replays_in_a_cuda_graph():
     w4a16_cuda = _mma_or_skip()
     qw = _weights(4096, 4096, 128)

@@ -408,6 +408,32 @@ __device__ __forceinline__ void w4a16_mma(
 // The entries (w4a16_mma_mb<MB>_s<STAGES>[_t512][_g64]) are listed by compile_cubin: see ENTRIES.
 
 
+// int4-rowpacked-v1 [N, K / 8] (weight 8 w + i at bits 4 i of word w) -> the mma layout, as
+// to_mma_layout defines it (the GPU tests hold this kernel to it): one thread per output word
+// (tile, chunk, lane, MMA step j). Slot s of the word is fragment row r = g + 8 (s & 1), column
+// kk = 2 t + (s >> 2) + 8 ((s >> 1) & 1) (_slot_index), which holds k = 64 c + the chunk order
+// of (j, kk) (_chunk_order). Rows past N are zero. At engine load: it replaces a dozen torch ops
+// per weight, which cost ~0.3 s of a 1B start.
+extern "C" __global__ void __launch_bounds__(256) w4a16_mma_repack(const u32* rowpacked, u32* out, int N, int K)
+{
+    const int chunks = K >> 6;
+    const long long id = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (id >= (long long)((N + 15) >> 4) * chunks * 128) return;
+    const int j = (int)(id & 3), lane = (int)((id >> 2) & 31);
+    const long long tc = id >> 7;  // tile * chunks + chunk
+    const int tile = (int)(tc / chunks), c = (int)(tc % chunks);
+    const int g = lane >> 2, t = lane & 3;
+    u32 word = 0;
+#pragma unroll
+    for (int s = 0; s < 8; ++s) {
+        const int row = 16 * tile + g + 8 * (s & 1);
+        const int kk = 2 * t + (s >> 2) + 8 * ((s >> 1) & 1);
+        const int k = 64 * c + 16 * ((kk & 7) >> 1) + 4 * j + 2 * (kk >> 3) + (kk & 1);
+        if (row < N) word |= ((rowpacked[(long long)row * (K >> 3) + (k >> 3)] >> (4 * (k & 7))) & 0xFu) << (4 * s);
+    }
+    out[id] = word;
+}
+
 // The fp16 weight [N, K] from the mma layout, (q - zero) * scale rounded once (prefill
 // through cuBLAS). One thread per (tile, chunk, lane): it holds k = 64 c + 16 t .. + 15 of
 // rows g and g + 8, written as 32 contiguous bytes each.
@@ -569,7 +595,7 @@ def _functions(device_index: int) -> dict[str, object]:
         _ok(driver.cuCtxSetCurrent(context), "cuCtxSetCurrent")
     module = _ok(driver.cuModuleLoadData(compile_cubin(10 * major + minor)), "cuModuleLoadData")
     ring = [entry_name(*e) for e in ENTRIES]
-    names = ring + ["w4a16_mma_dequant"]
+    names = ring + ["w4a16_mma_dequant", "w4a16_mma_repack"]
     functions = {name: _ok(driver.cuModuleGetFunction(module, name.encode()), "cuModuleGetFunction") for name in names}
     # The rings take more than the 48 KB of shared memory a block gets without asking.
     optin = _ok(driver.cuDeviceGetAttribute(
@@ -659,6 +685,20 @@ def to_mma_layout(qweight: torch.Tensor) -> torch.Tensor:
     return out.view(-1)
 
 
+def repack_on_gpu(qweight: torch.Tensor) -> torch.Tensor:
+    """to_mma_layout of a CUDA tensor in one kernel (w4a16_mma_repack): the same words."""
+    n, kw = qweight.shape
+    k = kw * 8
+    if k % 64:
+        raise ValueError(f"the mma layout needs K a multiple of 64, got {k}")
+    qweight = qweight.contiguous()
+    words = -(-n // 16) * (k // 64) * 128
+    out = torch.empty(words, dtype=torch.int32, device=qweight.device)
+    _launch("w4a16_mma_repack", qweight.device, -(-words // 256), 256, 0, (qweight.data_ptr(), out.data_ptr(), n, k),
+            (ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int))
+    return out
+
+
 def from_mma_layout(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
     """The inverse of to_mma_layout: back to int4-rowpacked-v1 [N, K / 8] (tests, tools)."""
     tiles, chunks = -(-n // 16), k // 64
@@ -712,7 +752,8 @@ class MmaWeights:
                              f"[N, K // G]; got group size {group_size}, scales {tuple(scales.shape)}")
         if gate_up:
             qweight, scales, zeros = (interleave_gate_up(t) for t in (qweight, scales, zeros))
-        return cls(to_mma_layout(qweight), pack_scales(scales, zeros), n, k, group_size, gate_up)
+        packed = repack_on_gpu(qweight) if qweight.is_cuda else to_mma_layout(qweight)
+        return cls(packed, pack_scales(scales, zeros), n, k, group_size, gate_up)
 
 
 def interleave_gate_up(rows: torch.Tensor) -> torch.Tensor:
