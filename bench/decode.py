@@ -160,7 +160,9 @@ t_started = time.clock_gettime(time.CLOCK_MONOTONIC)  # the clock the parent rea
 t0 = time.perf_counter()
 sys.path.insert(0, os.environ["EDGELLM_RUNTIME"])
 from edgellm.engine.cuda_context import start_creating_context
-start_creating_context("cuda")  # as `edgellm serve` does
+from edgellm.engine.prefetch import start_prefetching_weights
+start_creating_context("cuda")  # as `edgellm serve` does: the context and the weights beside the import
+start_prefetching_weights(sys.argv[1])
 import torch
 from edgellm.engine.runner import Engine
 t_import = time.perf_counter()
@@ -186,8 +188,9 @@ def start_env(kernel_cache: Path) -> dict[str, str]:
 
 
 def bench_start_to_warm(engine_dir: Path, kernel_cache: Path) -> dict:
-    """A fresh process, started as the daemon starts: the CUDA context created on a thread
-    beside the imports, then load (verify, read, place), warm up (kernels, graph capture).
+    """A fresh process, started as the daemon starts: the CUDA context created and the weights
+    read and verified on threads beside the imports (edgellm.engine.prefetch), then load
+    (verify the other files, place the weights), warm up (kernels, graph capture).
     to_warm_s: from just before the spawn to the end of warm-up, read on CLOCK_MONOTONIC, which
     Linux keeps one for all processes (the moment the daemon would say READY=1); interpreter_s
     is its part before the child's first line; exit_s, from warm to the process gone (CUDA and

@@ -28,7 +28,9 @@ import cProfile, pstats, sys, os, time, io
 t0 = time.perf_counter()
 sys.path.insert(0, os.environ["EDGELLM_RUNTIME"])
 from edgellm.engine.cuda_context import start_creating_context
-start_creating_context("cuda")
+from edgellm.engine.prefetch import start_prefetching_weights
+start_creating_context("cuda")  # as `edgellm serve` does: the context and the weights beside the import
+start_prefetching_weights(sys.argv[1])
 import torch
 from edgellm.engine.runner import Engine
 t_import = time.perf_counter()

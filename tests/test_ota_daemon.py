@@ -338,6 +338,17 @@ def test_push_on_gpu_swaps_beside_using_cuda_python_memory(tmp_path, keys, bundl
     assert "device has" in (tmp_path / "daemon.log").read_text()
 
 
+def test_boot_reads_the_current_engine_while_importing(tmp_path, keys, bundles):
+    """Not --device cpu: the daemon reads and verifies the store's current engine beside the
+    torch import (edgellm.engine.prefetch), and the load takes its bytes from there."""
+    store_dir = tmp_path / "store"
+    preinstall(store_dir, keys, [bundles[1], bundles[2]])
+    with start_daemon(store_dir, keys.trust_dir, tmp_path / "daemon.log", device="auto") as d:
+        assert d.info()["engine"]["engine_version"] == 2
+        assert d.generate(max_tokens=4).finish_reason in ("length", "stop")
+    assert "read and verified during start-up" in (tmp_path / "daemon.log").read_text()
+
+
 def test_boot_falls_back_to_previous_when_current_is_damaged(tmp_path, keys, bundles):
     store_dir = tmp_path / "store"
     store = preinstall(store_dir, keys, [bundles[1], bundles[2]])
@@ -346,7 +357,8 @@ def test_boot_falls_back_to_previous_when_current_is_damaged(tmp_path, keys, bun
     with open(weights, "r+b") as f:  # bit rot in the current version
         f.seek(100)
         f.write(b"\xff" * 16)
-    with start_daemon(store_dir, keys.trust_dir, tmp_path / "daemon.log") as d:
+    # device auto: the damaged version is also the one read at start-up (edgellm.engine.prefetch)
+    with start_daemon(store_dir, keys.trust_dir, tmp_path / "daemon.log", device="auto") as d:
         assert d.info()["engine"]["engine_version"] == 1
         assert d.generate(max_tokens=4).finish_reason in ("length", "stop")
     assert (store.current_version(), store.previous_version()) == (1, None)

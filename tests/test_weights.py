@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import struct
 from pathlib import Path
@@ -25,6 +26,7 @@ from edgellm.engine.manifest import (
     verify_files,
     write_manifest,
 )
+from edgellm.engine.prefetch import start_prefetching_weights
 from edgellm.engine.weights import load_weights
 from edgellm.errors import EngineFormatError
 
@@ -295,6 +297,70 @@ def test_unverified_load_reads_a_modified_file(engine_copy):
     assert_same(got, load_file(str(engine_copy / "model.safetensors")))
 
 
+# ---- read and verified at process start (edgellm.engine.prefetch) ---------------------------
+
+PREFETCH_USED = "read and verified during start-up"
+
+
+def load_saying(engine: Path, device: torch.device = CPU) -> tuple[dict[str, torch.Tensor], list[str]]:
+    said: list[str] = []
+    return load_weights(engine, read_manifest(engine), device, progress=said.append), said
+
+
+def test_prefetched_weights_are_the_ones_loaded(engine_copy, tmp_path):
+    rechunk(engine_copy, 10_000)  # several chunks, edges through tensors
+    assert start_prefetching_weights(engine_copy) is not None
+    got, said = load_saying(engine_copy)
+    assert any(PREFETCH_USED in m for m in said), said
+    assert_same(got, load_file(str(engine_copy / "model.safetensors")))
+    _, said = load_saying(engine_copy)  # taken once: a second load reads the file itself
+    assert not any(PREFETCH_USED in m for m in said), said
+
+    odd = make_engine(tmp_path / "odd", raw_safetensors(UNALIGNED), chunk_size=8)
+    start_prefetching_weights(odd)
+    got, said = load_saying(odd)
+    assert any(PREFETCH_USED in m for m in said), said
+    assert_same(got, dict(UNALIGNED))
+
+
+def test_a_tampered_chunk_is_still_refused_by_name(engine_copy):
+    rechunk(engine_copy, SMALL_CHUNK)
+    flip_byte(engine_copy / "model.safetensors", 3 * SMALL_CHUNK + 1)
+    prefetch = start_prefetching_weights(engine_copy)
+    prefetch.join()
+    assert prefetch.buffer is None  # nothing unverified is kept
+    with pytest.raises(EngineFormatError, match=rf"in bytes {3 * SMALL_CHUNK}\.\.{4 * SMALL_CHUNK - 1}, .* it was modified"):
+        load_weights(engine_copy, read_manifest(engine_copy), CPU)
+
+
+def test_a_file_replaced_after_the_prefetch_is_read_again(engine_copy):
+    """The bytes loaded are those of the file as it is when the engine loads, verified."""
+    weights = engine_copy / "model.safetensors"
+    start_prefetching_weights(engine_copy).join()
+    tampered = bytearray(weights.read_bytes())
+    tampered[-1] ^= 0x01
+    (engine_copy / "new").write_bytes(bytes(tampered))
+    os.replace(engine_copy / "new", weights)  # same size, another file
+    with pytest.raises(EngineFormatError, match="it was modified"):
+        load_weights(engine_copy, read_manifest(engine_copy), CPU)
+
+
+def test_a_manifest_changed_after_the_prefetch_is_checked_as_it_now_is(engine_copy):
+    start_prefetching_weights(engine_copy).join()
+    rechunk(engine_copy, 10_000)  # other chunk hashes than the prefetch checked against
+    got, said = load_saying(engine_copy)
+    assert not any(PREFETCH_USED in m for m in said), said
+    assert_same(got, load_file(str(engine_copy / "model.safetensors")))
+
+
+def test_no_prefetch_without_memory_to_spare_or_chunk_hashes(engine_copy, tmp_path):
+    size = (engine_copy / "model.safetensors").stat().st_size
+    assert start_prefetching_weights(engine_copy, available_bytes=3 * size) is None
+    assert start_prefetching_weights(tmp_path / "no-such-engine") is None
+    make_legacy(engine_copy)
+    assert start_prefetching_weights(engine_copy) is None
+
+
 # ---- on the GPU ----------------------------------------------------------------------------
 
 @pytest.mark.gpu
@@ -312,6 +378,25 @@ def test_cuda_load_matches_safetensors(engine_copy, tmp_path):
 
     odd = make_engine(tmp_path / "odd", raw_safetensors(UNALIGNED), chunk_size=8)
     assert_same(load_weights(odd, read_manifest(odd), cuda), dict(UNALIGNED))
+
+
+@pytest.mark.gpu
+def test_cuda_load_of_prefetched_weights_matches_safetensors(engine_copy, tmp_path, monkeypatch):
+    import edgellm.engine.weights as weights_module
+
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(weights_module, "UPLOAD_PIECE", 10_000)  # many pieces through the 4 pinned buffers
+    start_prefetching_weights(engine_copy)
+    got, said = load_saying(engine_copy, cuda)
+    assert any(PREFETCH_USED in m for m in said), said
+    assert all(t.is_cuda for t in got.values())
+    assert_same(got, load_file(str(engine_copy / "model.safetensors")))
+
+    odd = make_engine(tmp_path / "odd", raw_safetensors(UNALIGNED), chunk_size=8)
+    start_prefetching_weights(odd)
+    got, said = load_saying(odd, cuda)
+    assert any(PREFETCH_USED in m for m in said), said
+    assert_same(got, dict(UNALIGNED))
 
 
 @pytest.mark.gpu

@@ -18,6 +18,7 @@ from edgellm.errors import DeviceMismatchError, EngineFormatError
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
+WEIGHTS_NAME = "model.safetensors"  # the one weights file of an engine
 CPU_TARGET = "cpu"
 QUANT_SCHEMES = ("int4-awq", "int4-rtn", "fp16")
 _HASH_CHUNK = 1 << 20

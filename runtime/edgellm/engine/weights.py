@@ -13,11 +13,14 @@ The manifest holds a sha256 for every 64 MiB chunk of the file (manifest.CHUNK_S
 chunks are checked independently, on several threads, as they are read. Nothing read is handed
 out before every chunk matched. Engines built before chunk hashes existed have only the
 whole-file sha256: their chunks are still read in parallel but hashed in file order.
+Where `edgellm serve` already read and verified the file into memory during start-up
+(edgellm.engine.prefetch), the bytes are taken from there instead.
 No pickle anywhere: the header is JSON, the data raw bytes.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -32,6 +35,7 @@ import torch
 
 from edgellm.engine.manifest import (
     CHUNK_SIZE,
+    WEIGHTS_NAME,
     Manifest,
     chunk_spans,
     hash_error,
@@ -41,15 +45,15 @@ from edgellm.engine.manifest import (
     read_into,
     verify_files,
 )
+from edgellm.engine.prefetch import take_prefetched
 from edgellm.errors import EngineFormatError
-
-WEIGHTS_NAME = "model.safetensors"  # the one weights file of an engine
 
 # The dtypes our builders write; anything else in an engine is damage, not a format to support.
 DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "I32": torch.int32,
           "I64": torch.int64, "U8": torch.uint8, "I8": torch.int8}
 MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit
 VIEW_ALIGN = 16
+UPLOAD_PIECE, UPLOAD_SLOTS = 16 << 20, 4  # pinned staging for weights already in memory (_place)
 
 
 @dataclass(frozen=True)
@@ -100,8 +104,13 @@ def load_weights(
             raise EngineFormatError(f"{path} cannot be opened ({e.strerror}); rebuild or re-push the engine") from None
     try:
         size = os.fstat(fd).st_size
+        prefetched = take_prefetched(engine_dir, entry, fd)
+        if prefetched is not None:
+            layout = read_layout(_memory_reader(prefetched), size, path)
+            say(f"copying {size / 1e9:.1f} GB of weights, read and verified during start-up, to {device}")
+            return tensor_views(_place(torch.frombuffer(prefetched, dtype=torch.uint8)[layout.data_start:], device), layout)
         try:
-            layout = read_layout(fd, size, path)
+            layout = read_layout(functools.partial(read_into, fd), size, path)
         except EngineFormatError:
             if verify:  # a file changed since it was built is reported as such, not as a bad header
                 verify_files(engine_dir, manifest, [WEIGHTS_NAME])
@@ -123,9 +132,10 @@ def load_weights(
     return tensor_views(data, layout)
 
 
-def read_layout(fd: int, size: int, path: Path) -> Layout:
+def read_layout(read_at: Callable[[memoryview, int], int], size: int, path: Path) -> Layout:
     """Parse and check the header: every tensor a known dtype, its bytes matching its shape,
-    the tensors filling the data section in order with no gap or overlap."""
+    the tensors filling the data section in order with no gap or overlap. read_at(view,
+    offset) fills view from the file's bytes at offset and returns how many it filled."""
 
     def bad(why: str) -> EngineFormatError:
         return EngineFormatError(f"{path} is not a valid safetensors file: {why}; the engine is damaged, rebuild or re-push it")
@@ -133,12 +143,12 @@ def read_layout(fd: int, size: int, path: Path) -> Layout:
     if size < 8:
         raise bad(f"it is {size} bytes, too short for the 8-byte header length")
     prefix = bytearray(8)
-    read_into(fd, memoryview(prefix), 0)
+    read_at(memoryview(prefix), 0)
     n = int.from_bytes(prefix, "little")
     if not 2 <= n <= MAX_HEADER_BYTES or 8 + n > size:
         raise bad(f"its header length {n} does not fit in its {size} bytes")
     head = bytearray(8 + n)
-    if read_into(fd, memoryview(head), 0) != len(head):
+    if read_at(memoryview(head), 0) != len(head):
         raise bad("it ends inside its header")
     try:
         header = json.loads(head[8:].decode("utf-8"), object_pairs_hook=_no_duplicate_keys)
@@ -175,6 +185,46 @@ def read_layout(fd: int, size: int, path: Path) -> Layout:
     if at != data_size:
         raise bad(f"its tensors end at data byte {at} but its data section is {data_size} bytes")
     return Layout(bytes(head), tensors, size)
+
+
+def _memory_reader(file_bytes: memoryview) -> Callable[[memoryview, int], int]:
+    def read_at(view: memoryview, offset: int) -> int:
+        n = max(0, min(len(view), len(file_bytes) - offset))
+        view[:n] = file_bytes[offset:offset + n]
+        return n
+
+    return read_at
+
+
+def _place(source: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A copy of source (the data section of a file already read and verified, in pageable
+    host memory) on `device`. To the GPU it goes through UPLOAD_SLOTS pinned buffers of
+    UPLOAD_PIECE bytes: torch fills one (on several threads) while the pieces before it are
+    on their way. Pinning costs ~0.35 s per GB (bench/probe_load.py), so they are small."""
+    data = torch.empty(source.numel(), dtype=torch.uint8, device=device)
+    if device.type != "cuda":
+        return data.copy_(source)
+    stream = torch.cuda.Stream(device)
+    try:
+        slots = [(torch.empty(min(UPLOAD_PIECE, source.numel()), dtype=torch.uint8, pin_memory=True), torch.cuda.Event())
+                 for _ in range(UPLOAD_SLOTS)]
+        with torch.cuda.stream(stream):
+            for k, a in enumerate(range(0, source.numel(), UPLOAD_PIECE)):
+                b = min(a + UPLOAD_PIECE, source.numel())
+                staging, sent = slots[k % UPLOAD_SLOTS]
+                sent.synchronize()  # this buffer's previous piece has reached the device
+                staging[:b - a].copy_(source[a:b])
+                data[a:b].copy_(staging[:b - a], non_blocking=True)
+                sent.record(stream)
+        stream.synchronize()
+    except BaseException:
+        del data
+        torch.cuda.empty_cache()
+        raise
+    finally:
+        slots = None
+        _release_pinned_staging()
+    return data
 
 
 def tensor_views(data: torch.Tensor, layout: Layout) -> dict[str, torch.Tensor]:
@@ -328,7 +378,8 @@ def _read_cuda(fd: int, layout: Layout, spans, verifier: _Verifier | None, threa
     device buffer both need the CUDA context, so whichever asks first creates it (if
     Engine.load's device checks did not) and the others wait for it: reading further ahead
     than one chunk per thread would need host memory beyond the staging buffers (on a Jetson
-    host memory is GPU memory), which we do not spend on ~1 s of start-up.
+    host memory is GPU memory). `edgellm serve` does spend it where it can (edgellm.engine.prefetch):
+    it reads and verifies the file while torch is imported, and this path is then not taken.
     """
     if device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())

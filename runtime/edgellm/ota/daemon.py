@@ -120,6 +120,14 @@ def settings_from(config, args) -> UpdateSettings:
     return settings
 
 
+def current_engine_dir(store_root: Path) -> Path | None:
+    """The engine boot() tries first, the store's current version, read before the daemon takes
+    the store: `edgellm serve` starts reading its weights while torch is imported."""
+    store = EngineStore(store_root)
+    current = store.current_version()
+    return None if current is None else store.engine_dir(current)
+
+
 def attach(daemon: "Daemon", config, args) -> None:
     settings = settings_from(config, args)
     store = EngineStore(config.store, settings.keep)

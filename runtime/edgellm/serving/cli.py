@@ -99,13 +99,19 @@ def cmd_serve(args) -> int:
     from edgellm.engine.cuda_context import start_creating_context
 
     start_creating_context(config.device)
-    attach = None
+    attach, engine_dir = None, config.engine
     if config.store is not None:
         extension, why = _store_extension()
         if extension is None:
             raise ConfigError(f"serving from an engine store needs the engine-update part, but {why}; "
                               "install what it needs, or serve an engine directory with --engine")
         attach = lambda daemon: extension.attach(daemon, config, args)  # noqa: E731
+        engine_dir = extension.current_engine_dir(config.store)
+    if engine_dir is not None and config.device != "cpu":
+        # Its weights are read and verified beside the torch import too (edgellm.engine.prefetch).
+        from edgellm.engine.prefetch import start_prefetching_weights
+
+        start_prefetching_weights(engine_dir)
     return serve(config, attach)
 
 
