@@ -5,6 +5,8 @@
 #   profile     where a decode step's time goes, 8B and 1B shapes, batch $PROFILE_BATCH (default 1; bench/profile_step.py)
 #   profile-prefill  the same for an 8B 512-token prefill, each run's time printed (TTFT spread)
 #   profile-startup  where a 1B process start to warm goes: imports and load + warm-up (bench/profile_startup.py)
+#   probe-load  a load's read-and-verify and warm-up, piece by piece, both shapes (bench/probe_load.py)
+#   probe-prefetch  a start's timeline with the weights read beside the import on 0/8/2/4 threads (bench/probe_prefetch.py)
 #   kernels     W4A16 kernel table (engine path beside the Triton fallback and cuBLAS) + decode attention
 #   attention   the decode attention alone: both shapes, batch 1-8, context 512 and 4096, splits swept
 #   sweep       the same + the Triton candidate configurations (bench/kernels.py --sweep, decode shapes)
@@ -24,7 +26,7 @@ export PYTHONPATH=$PWD/runtime:$PWD/tests PYTHONUNBUFFERED=1 TRITON_CACHE_DIR=/t
     EDGELLM_KERNEL_CACHE=/tmp/edgellm-kernel-cache/edgellm
 OUT=${OUT:-out}
 mkdir -p "$OUT"
-[ $# -gt 0 ] || { sed -n 2,19p "$0" >&2; exit 2; }
+[ $# -gt 0 ] || { sed -n 2,21p "$0" >&2; exit 2; }
 for step in "$@"; do
     echo "=== $step ($(date +%T))"
     case $step in
@@ -48,6 +50,17 @@ for step in "$@"; do
         ;;
     profile-startup)
         timeout 200 python3 bench/profile_startup.py --shape llama-3.2-1b --out "$OUT/profile-startup.txt" 2>&1 | head -45
+        ;;
+    probe-load)
+        for shape in llama-3.2-1b llama-3.1-8b; do
+            timeout 150 python3 bench/probe_load.py --shape $shape --out "$OUT/probe-load-$shape.json" 2>&1 | grep -v -i warn | tail -22
+        done
+        ;;
+    probe-prefetch)
+        timeout 200 python3 bench/probe_prefetch.py --shape llama-3.2-1b --threads 0,8,2,4,0,8,2,4 2>&1 | grep -v -i warn \
+            | tee "$OUT/probe-prefetch-1b.txt" | tail -75
+        timeout 150 python3 bench/probe_prefetch.py --shape llama-3.1-8b --threads 0,8,2 2>&1 | grep -v -i warn \
+            | tee "$OUT/probe-prefetch-8b.txt" | tail -30
         ;;
     kernels)
         timeout 240 python3 bench/kernels.py --out "$OUT/kernels.json" 2>&1 | tee "$OUT/kernels.txt" | tail -16
@@ -100,6 +113,6 @@ PY
             | tee "$OUT/load-gpu.txt" | tail -40
         ;;
     *)
-        echo "unknown step $step" >&2; sed -n 2,19p "$0" >&2; exit 2 ;;
+        echo "unknown step $step" >&2; sed -n 2,21p "$0" >&2; exit 2 ;;
     esac
 done
