@@ -123,8 +123,11 @@ def settings_from(config, args) -> UpdateSettings:
 def current_engine_dir(store_root: Path) -> Path | None:
     """The engine boot() tries first, the store's current version, read before the daemon takes
     the store: `edgellm serve` starts reading its weights while torch is imported."""
-    store = EngineStore(store_root)
-    current = store.current_version()
+    try:
+        store = EngineStore(store_root)
+        current = store.current_version()
+    except (OSError, EdgeLLMError):  # an unusable store is reported by attach(), with its own message
+        return None
     return None if current is None else store.engine_dir(current)
 
 
