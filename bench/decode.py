@@ -213,6 +213,22 @@ def bench_start_to_warm(engine_dir: Path, kernel_cache: Path) -> dict:
             "exit_s": ended_at - warm_at, "total_s": ended_at - spawned_at}
 
 
+def build_and_start_once(shape: str, prefix: str) -> tuple[Path, Path, dict]:
+    """For the start-up probes: a random INT4 engine at `shape` built as main() builds them, in a
+    fresh directory, and one start (as bench_start_to_warm) to fill its kernel and bytecode
+    cache. Returns (engine_dir, cache, that first start's times)."""
+    from edgellm.engine.demo_tokenizer import train_demo_tokenizer
+    from edgellm.engine.runner import device_sm
+
+    work = Path(tempfile.mkdtemp(prefix=prefix))
+    (work / "tok").mkdir()
+    train_demo_tokenizer(work / "tok")
+    engine_dir, cache = work / "engine", work / "cache"
+    write_random_engine(engine_dir, shape, work / "tok", max_batch=max(BATCHES), max_seq_len=4096,
+                        target_sms=[device_sm(torch.device("cuda"))], device="cuda")
+    return engine_dir, cache, bench_start_to_warm(engine_dir, cache)
+
+
 def median_start(engine_dir: Path, kernel_cache: Path, starts: int = STARTS) -> dict:
     """The start (as bench_start_to_warm) with the median to_warm_s of `starts`, each start's
     to_warm_s listed beside it."""

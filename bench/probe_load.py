@@ -15,10 +15,8 @@ import argparse
 import json
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
-import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "runtime"))
@@ -88,7 +86,6 @@ timed("load_weights_verify_s", lambda: W.load_weights(engine_dir, m, torch.devic
 timed("load_weights_no_verify_s", lambda: W.load_weights(engine_dir, m, torch.device("cuda"), verify=False))
 
 captures = []
-real_capture = Engine._capture
 def capture(self, step, pool):
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
@@ -121,19 +118,9 @@ def main() -> int:
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
 
-    from decode import BATCHES, bench_start_to_warm, start_env
-    from edgellm.engine.demo_tokenizer import train_demo_tokenizer
-    from edgellm.engine.random_engine import write_random_engine
-    from edgellm.engine.runner import device_sm
+    from decode import build_and_start_once, start_env
 
-    work = Path(tempfile.mkdtemp(prefix="edgellm-probe-"))
-    (work / "tok").mkdir()
-    train_demo_tokenizer(work / "tok")
-    engine_dir = work / "engine"
-    write_random_engine(engine_dir, args.shape, work / "tok", max_batch=max(BATCHES), max_seq_len=4096,
-                        target_sms=[device_sm(torch.device("cuda"))], device="cuda")
-    cache = work / "cache"
-    start = bench_start_to_warm(engine_dir, cache)  # fills the kernel and bytecode caches
+    engine_dir, cache, start = build_and_start_once(args.shape, "edgellm-probe-")
     proc = subprocess.run([sys.executable, "-c", PROBE, str(engine_dir)], capture_output=True, text=True,
                           env=start_env(cache), timeout=300)
     line = next((l for l in proc.stdout.splitlines() if l.startswith("PROBE")), None)

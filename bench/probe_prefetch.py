@@ -9,10 +9,8 @@ from __future__ import annotations
 import argparse
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
-import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "runtime"))
@@ -26,7 +24,7 @@ sys.path.insert(0, os.environ["EDGELLM_RUNTIME"])
 from edgellm.engine.cuda_context import start_creating_context
 from edgellm.engine import prefetch as prefetch_module
 threads = int(sys.argv[2])
-prefetch_module.hash_threads = lambda: threads
+prefetch_module.prefetch_threads = lambda: threads
 start_creating_context("cuda")
 prefetch = prefetch_module.start_prefetching_weights(sys.argv[1]) if threads else None
 at(f"prefetch started on {threads} threads: {prefetch is not None}")
@@ -49,19 +47,9 @@ def main() -> int:
     ap.add_argument("--shape", default="llama-3.2-1b")
     ap.add_argument("--threads", default="0,8,2,0,8,2", help="prefetch threads of each start (0: no prefetch)")
     args = ap.parse_args()
-    from decode import BATCHES, bench_start_to_warm, start_env
-    from edgellm.engine.demo_tokenizer import train_demo_tokenizer
-    from edgellm.engine.random_engine import write_random_engine
-    from edgellm.engine.runner import device_sm
+    from decode import build_and_start_once, start_env
 
-    work = Path(tempfile.mkdtemp(prefix="edgellm-prefetch-"))
-    (work / "tok").mkdir()
-    train_demo_tokenizer(work / "tok")
-    engine_dir = work / "engine"
-    write_random_engine(engine_dir, args.shape, work / "tok", max_batch=max(BATCHES), max_seq_len=4096,
-                        target_sms=[device_sm(torch.device("cuda"))], device="cuda")
-    cache = work / "cache"
-    bench_start_to_warm(engine_dir, cache)  # fills the caches
+    engine_dir, cache, _ = build_and_start_once(args.shape, "edgellm-prefetch-")
     for threads in args.threads.split(","):
         print(f"-- start, prefetch threads {threads}", flush=True)
         proc = subprocess.run([sys.executable, "-c", CHILD, str(engine_dir), threads], capture_output=True, text=True,

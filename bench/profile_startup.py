@@ -14,10 +14,8 @@ import argparse
 import re
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
-import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "runtime"))
@@ -55,19 +53,9 @@ def main() -> int:
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
 
-    from decode import BATCHES, bench_start_to_warm, start_env
-    from edgellm.engine.demo_tokenizer import train_demo_tokenizer
-    from edgellm.engine.random_engine import write_random_engine
-    from edgellm.engine.runner import device_sm
+    from decode import bench_start_to_warm, build_and_start_once, start_env
 
-    work = Path(tempfile.mkdtemp(prefix="edgellm-startup-"))
-    (work / "tok").mkdir()
-    train_demo_tokenizer(work / "tok")
-    engine_dir = work / "engine"
-    write_random_engine(engine_dir, args.shape, work / "tok", max_batch=max(BATCHES), max_seq_len=4096,
-                        target_sms=[device_sm(torch.device("cuda"))], device="cuda")
-    cache = work / "cache"
-    first = bench_start_to_warm(engine_dir, cache)  # fills the kernel and bytecode caches
+    engine_dir, cache, first = build_and_start_once(args.shape, "edgellm-startup-")
     again = bench_start_to_warm(engine_dir, cache)
     proc = subprocess.run([sys.executable, "-X", "importtime", "-c", PROFILED_START, str(engine_dir)],
                           capture_output=True, text=True, env=start_env(cache), timeout=300)

@@ -200,11 +200,15 @@ def describe_files(engine_dir: Path, names: list[str], chunk_size: int = CHUNK_S
     return files
 
 
+def usable_cores() -> int:
+    """The cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def hash_threads() -> int:
     """Threads for hashing: the cores this process may run on, at most MAX_HASH_THREADS
     (beyond that page-cache reads, not hashing, set the pace)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(MAX_HASH_THREADS, cores))
+    return max(1, min(MAX_HASH_THREADS, usable_cores()))
 
 
 def chunk_spans(size: int, chunk_size: int) -> list[tuple[int, int]]:

@@ -27,7 +27,15 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from edgellm.engine.manifest import WEIGHTS_NAME, chunk_spans, hash_threads, open_listed_file, read_into, read_manifest
+from edgellm.engine.manifest import (
+    WEIGHTS_NAME,
+    chunk_spans,
+    hash_threads,
+    open_listed_file,
+    read_into,
+    read_manifest,
+    usable_cores,
+)
 from edgellm.errors import EdgeLLMError
 
 MEMORY_SHARE = 4  # prefetch only files of at most 1/MEMORY_SHARE of the available memory
@@ -88,8 +96,7 @@ def prefetch_threads() -> int:
     """The loader's thread count, less one core left to the import beside them: on a 2-core
     host, two prefetch threads of a 1 GB file made `import torch` 0.6-1.6 s slower, one 0.1-0.2 s
     (and was done 0.1-0.45 s after the import)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(hash_threads(), cores - 1))
+    return max(1, min(hash_threads(), usable_cores() - 1))
 
 
 def file_identity(st: os.stat_result) -> tuple:
