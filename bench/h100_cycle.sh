@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Build-check-benchmark steps on the GPU machine (the `device` tool), results under $OUT.
 # Name one or more steps; they run in the order given:
-#   tests       GPU tests (kernels, engines vs transformers, INT4 CUDA vs CPU, weights loader, doctor)
+#   tests       every GPU test (-m gpu: kernels, engines vs transformers, INT4 CUDA vs CPU, weights loader, doctor, daemon swaps)
 #   profile     where a decode step's time goes, 8B and 1B shapes, batch $PROFILE_BATCH (default 1; bench/profile_step.py)
 #   profile-prefill  the same for an 8B 512-token prefill, each run's time printed (TTFT spread)
 #   profile-startup  where a 1B process start to warm goes: imports and load + warm-up (bench/profile_startup.py)
@@ -31,9 +31,7 @@ for step in "$@"; do
     echo "=== $step ($(date +%T))"
     case $step in
     tests)
-        files=$(ls tests/test_kernels_gpu.py tests/test_attention_gpu.py tests/test_engine_hf.py tests/test_engine_gpu.py tests/test_weights.py \
-            tests/test_doctor.py 2>/dev/null)
-        timeout 300 python3 -m pytest -q -p no:cacheprovider -m gpu -rs $files -s 2>&1 | tee "$OUT/gpu-tests.txt" \
+        timeout 420 python3 -m pytest -q -p no:cacheprovider -m gpu -rs tests -s 2>&1 | tee "$OUT/gpu-tests.txt" \
             | grep -E "rel err|relative|error|passed|failed|FAIL|ok |tokens" | tail -60
         ;;
     profile)

@@ -338,6 +338,45 @@ def test_push_on_gpu_swaps_beside_using_cuda_python_memory(tmp_path, keys, bundl
     assert "device has" in (tmp_path / "daemon.log").read_text()
 
 
+@pytest.mark.gpu
+def test_push_on_gpu_while_streams_run_drops_nothing(tmp_path, keys, bundles):
+    """The new engine loads and captures its CUDA graphs beside the live one while that one
+    keeps serving streams on the scheduler's thread (a capture in CUDA's global mode would
+    forbid that thread's synchronizing calls)."""
+    store_dir = tmp_path / "store"
+    preinstall(store_dir, keys, [bundles[1]])
+    with start_daemon(store_dir, keys.trust_dir, tmp_path / "daemon.log", "--swap-mode", "beside", device="cuda") as d:
+        done = threading.Event()
+        finished, errors = [], []  # (monotonic time, engine id) of each completed stream
+
+        def run(i):
+            while not done.is_set():
+                try:
+                    r = d.generate(max_tokens=48, temperature=0.8, seed=i, timeout=120)
+                except Exception as e:  # noqa: BLE001 - collected and asserted on below
+                    errors.append(e)
+                    return
+                finished.append((time.monotonic(), r.engine_id))
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(MAX_BATCH)]
+        for t in threads:
+            t.start()
+        wait_for(lambda: len(finished) >= MAX_BATCH or bool(errors))
+        began = time.monotonic()
+        with d.updates() as u:
+            reply = u.push(bundles[2])
+        ended = time.monotonic()
+        wait_for(lambda: any(engine == "demo-v2" for _, engine in finished) or bool(errors))
+        done.set()
+        for t in threads:
+            t.join(120)
+        assert not errors, errors
+        assert (reply.activated, reply.swap_mode) == (True, "beside")
+        during = [engine for at, engine in finished if began < at < ended]
+        assert "demo-llama-int4-awq" in during, f"no stream finished while the push loaded: {finished}"
+    assert "Traceback" not in (tmp_path / "daemon.log").read_text()
+
+
 def test_boot_reads_the_current_engine_while_importing(tmp_path, keys, bundles):
     """Not --device cpu: the daemon reads and verifies the store's current engine beside the
     torch import (edgellm.engine.prefetch), and the load takes its bytes from there."""

@@ -99,6 +99,7 @@ class Engine:
         self._prefill_graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._prefill_logits: dict[int, torch.Tensor] = {}
         self._prefill_inputs: torch.Tensor | None = None  # int64: slot, last index, tokens
+        self._capture_stream: torch.cuda.Stream | None = None
 
     @property
     def load_seconds(self) -> float:
@@ -291,6 +292,7 @@ class Engine:
         if self.device.type == "cuda":
             self._capture_graphs()  # runs each shape once, then captures it
             torch.cuda.synchronize(self.device)
+            torch.cuda.empty_cache()  # what the eager runs before the captures left cached (prefill's fp16 weights)
         else:
             for b in range(1, self.max_batch + 1):
                 self.decode(list(range(b)), [0] * b, [0] * b)
@@ -301,21 +303,37 @@ class Engine:
         from edgellm.engine.kernels import pdl
 
         pool = torch.cuda.graph_pool_handle()  # one memory pool: graphs replay one at a time
+        self._capture_stream = torch.cuda.Stream(self.device)  # captures need a stream other than the default
         self._capture_prefill_graphs(pool)
         with pdl.early_starts():  # decode graphs: each kernel may start while the previous one ends
             self._capture_decode_graphs(pool)
 
     def _capture(self, step: Callable[[], torch.Tensor], pool) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
-        """Run step once on a side stream (kernels compile and allocate outside the capture), then capture it."""
-        dev = self.device
-        side = torch.cuda.Stream(dev)
+        """Run step once (kernels compile and load, buffers are allocated, outside the capture),
+        then capture it, both on the capture stream.
+
+        Not through torch.cuda.graph: before every capture it synchronizes the device and
+        empties the allocator's caches, so that each eager run after it allocated afresh (14
+        captures of a 1B engine spent ~0.45 s of its start there: bench/profile_startup.py);
+        warm_up empties them once at the end. And the capture is thread-local: during a hot
+        swap the live engine keeps serving on other threads, whose CUDA calls a capture in
+        torch's default (global) mode forbids."""
+        dev, side = self.device, self._capture_stream
         side.wait_stream(torch.cuda.current_stream(dev))
         with torch.cuda.stream(side):
             step()
+            graph = torch.cuda.CUDAGraph()
+            graph.capture_begin(pool=pool, capture_error_mode="thread_local")
+            try:
+                out = step()
+            except BaseException:
+                try:
+                    graph.capture_end()
+                except RuntimeError:
+                    pass  # the capture was invalidated: the step's own error is the one to report
+                raise
+            graph.capture_end()
         torch.cuda.current_stream(dev).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=pool):
-            out = step()
         return graph, out
 
     def _capture_prefill_graphs(self, pool) -> None:
