@@ -6,13 +6,15 @@ Builds a random INT4 engine at the shape, starts once to fill the kernel caches 
 bench/decode.py does), then in a second fresh process loads the engine and times, each on
 its own: pinning the staging buffers, reading the file with the loader's threads, hashing it,
 copying it to the GPU from pinned and from pageable memory, load_weights with and without
-verification; then the warm-up with each capture's eager run and capture timed apart.
+verification; then the warm-up, with the runner's CUDA-graph capture or the torch.cuda.graph
+capture it replaced, each in --rounds fresh processes taken in turn (medians printed).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -85,29 +87,28 @@ m = read_manifest(engine_dir)
 timed("load_weights_verify_s", lambda: W.load_weights(engine_dir, m, torch.device("cuda"), verify=True))
 timed("load_weights_no_verify_s", lambda: W.load_weights(engine_dir, m, torch.device("cuda"), verify=False))
 
-captures = []
-def capture(self, step, pool):
+# The runner's capture before d8de656, through torch.cuda.graph (which synchronizes the
+# device and empties the allocator's caches before each capture, in global capture mode).
+def torch_graph_capture(self, step, pool):
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
-    torch.cuda.synchronize()
-    t = time.perf_counter()
     with torch.cuda.stream(side):
         step()
-    torch.cuda.synchronize()
-    t_eager = time.perf_counter() - t
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
-    t = time.perf_counter()
     with torch.cuda.graph(graph, pool=pool):
         r = step()
-    torch.cuda.synchronize()
-    captures.append({"eager_s": t_eager, "capture_s": time.perf_counter() - t})
     return graph, r
-Engine._capture = capture
+
+capture_way = sys.argv[2]
+if capture_way == "torch.cuda.graph":
+    Engine._capture = torch_graph_capture
+torch.cuda.synchronize()
 t = time.perf_counter()
 engine.warm_up()
+torch.cuda.synchronize()
 out["warm_up_s"] = time.perf_counter() - t
-out["captures"] = captures
+out["capture_way"] = capture_way
 print("PROBE", json.dumps(out), flush=True)
 """
 
@@ -116,26 +117,34 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shape", default="llama-3.2-1b")
     ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--rounds", type=int, default=3, help="fresh processes per capture way")
     args = ap.parse_args()
 
     from decode import build_and_start_once, start_env
 
     engine_dir, cache, start = build_and_start_once(args.shape, "edgellm-probe-")
-    proc = subprocess.run([sys.executable, "-c", PROBE, str(engine_dir)], capture_output=True, text=True,
-                          env=start_env(cache), timeout=300)
-    line = next((l for l in proc.stdout.splitlines() if l.startswith("PROBE")), None)
-    if line is None:
-        print(proc.stderr[-3000:], file=sys.stderr)
-        return 1
-    probe = json.loads(line.split(" ", 1)[1])
-    probe["start_to_warm"] = start
-    args.out.write_text(json.dumps(probe, indent=1))
-    captures = probe.pop("captures")
-    for k, v in probe.items():
-        print(f"{k}: {v:.3f}" if isinstance(v, float) else f"{k}: {v}")
-    print("captures (eager s, capture s), prefill lengths largest first, then decode batches largest first:")
-    print("  " + ", ".join(f"({c['eager_s']:.3f}, {c['capture_s']:.3f})" for c in captures))
-    print(f"  eager total {sum(c['eager_s'] for c in captures):.3f} s, capture total {sum(c['capture_s'] for c in captures):.3f} s")
+    ways = ["runner", "torch.cuda.graph"]
+    probes = []
+    for _ in range(args.rounds):  # the two capture ways in turn, each in a fresh process
+        for way in ways:
+            proc = subprocess.run([sys.executable, "-c", PROBE, str(engine_dir), way], capture_output=True,
+                                  text=True, env=start_env(cache), timeout=300)
+            line = next((l for l in proc.stdout.splitlines() if l.startswith("PROBE")), None)
+            if line is None:
+                print(proc.stderr[-3000:], file=sys.stderr)
+                return 1
+            probes.append(json.loads(line.split(" ", 1)[1]))
+    args.out.write_text(json.dumps({"start_to_warm": start, "probes": probes}, indent=1))
+
+    first = probes[0]
+    for k, v in first.items():
+        if k not in ("capture_way", "warm_up_s"):
+            print(f"{k}: {v:.3f}" if isinstance(v, float) else f"{k}: {v}")
+    print(f"start to warm: {start}")
+    print("warm-up (the first in a fresh process: one eager prefill, then each graph's eager run and capture):")
+    for way in ways:
+        warm = sorted(p["warm_up_s"] for p in probes if p["capture_way"] == way)
+        print(f"  capture through {way:17s} median {statistics.median(warm):.3f} s ({' / '.join(f'{w:.3f}' for w in warm)})")
     return 0
 
 
