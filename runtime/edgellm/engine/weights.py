@@ -107,7 +107,7 @@ def load_weights(
         prefetched = take_prefetched(engine_dir, entry, fd)
         if prefetched is not None:
             layout = read_layout(_memory_reader(prefetched), size, path)
-            say(f"copying {size / 1e9:.1f} GB of weights, read and verified during start-up, to {device}")
+            say(f"copying {size / 1e6:.1f} MB of weights, read and verified during start-up, to {device}")
             return tensor_views(_place(torch.frombuffer(prefetched, dtype=torch.uint8)[layout.data_start:], device), layout)
         try:
             layout = read_layout(functools.partial(read_into, fd), size, path)
@@ -121,7 +121,7 @@ def load_weights(
         if verify:
             verifier = _Verifier(entry["chunk_sha256"] if chunked else None, entry["sha256"], spans)
         threads = min(hash_threads(), len(spans))
-        say(f"{'reading and verifying' if verify else 'reading'} {size / 1e9:.1f} GB in {len(spans)} chunks "
+        say(f"{'reading and verifying' if verify else 'reading'} {size / 1e6:.1f} MB in {len(spans)} chunks "
             f"on {threads} threads")
         read = _read_cuda if device.type == "cuda" else _read_cpu
         data = read(fd, layout, spans, verifier, threads, device)
