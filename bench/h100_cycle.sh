@@ -20,11 +20,9 @@
 #   serve-load  the daemon on a 1B-shape INT4 engine under bench/load.py, 5 min
 # e.g. bash bench/h100_cycle.sh tests profile decode-ours
 # The generated gRPC message code is ignored by git: carry runtime/edgellm/v1/*_pb2.py.
-# The device machine has no `cryptography` (the OTA tests need it) and cannot download it: unpack
-# its abi3 wheel into .carry/site (ignored by git), carry that folder, and the path below finds it.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-export PYTHONPATH=$PWD/runtime:$PWD/tests:$PWD/.carry/site PYTHONUNBUFFERED=1 TRITON_CACHE_DIR=/tmp/edgellm-kernel-cache \
+export PYTHONPATH=$PWD/runtime:$PWD/tests PYTHONUNBUFFERED=1 TRITON_CACHE_DIR=/tmp/edgellm-kernel-cache \
     EDGELLM_KERNEL_CACHE=/tmp/edgellm-kernel-cache/edgellm
 OUT=${OUT:-out}
 mkdir -p "$OUT"
@@ -33,7 +31,16 @@ for step in "$@"; do
     echo "=== $step ($(date +%T))"
     case $step in
     tests)
-        timeout 420 python3 -m pytest -q -p no:cacheprovider -m gpu -rs tests -s 2>&1 | tee "$OUT/gpu-tests.txt" \
+        # The OTA tests need `cryptography`, which the device machine lacks (with its cffi backend,
+        # for Python 3.12, not downloadable there): without it they are left out, loudly, rather
+        # than stopping the collection of every other GPU test.
+        not_collected=()
+        if ! python3 -c "import cryptography.hazmat.primitives.asymmetric.ed25519" 2>/dev/null; then
+            not_collected=(--ignore tests/test_ota_daemon.py --ignore tests/test_ota_offline.py)
+            echo "NOT RUN: the GPU tests of tests/test_ota_daemon.py and tests/test_ota_offline.py (no cryptography here)" \
+                | tee "$OUT/gpu-tests-not-run.txt"
+        fi
+        timeout 420 python3 -m pytest -q -p no:cacheprovider -m gpu -rs "${not_collected[@]}" tests -s 2>&1 | tee "$OUT/gpu-tests.txt" \
             | grep -E "rel err|relative|error|passed|failed|FAIL|ok |tokens" | tail -60
         ;;
     profile)

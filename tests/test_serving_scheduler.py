@@ -4,6 +4,7 @@ and engines swap beside each other or by draining without dropping a stream."""
 import json
 import shutil
 import threading
+import time
 
 import pytest
 
@@ -237,5 +238,51 @@ def test_a_cancelled_last_stream_releases_the_old_engine(engines):
         threading.Timer(0.2, scheduler.cancel, args=(running,)).start()
         scheduler.swap_engine(lambda: load(engines[0]), mode="drain", timeout=60)  # proceeds once the stream is gone
         assert group.freed and scheduler.engine.engine_id == "engine-a"
+    finally:
+        scheduler.shutdown()
+
+
+@pytest.mark.gpu
+def test_an_engine_captures_its_graphs_beside_one_serving_on_the_gpu(engines):
+    """A hot swap beside: the new engine loads and captures its CUDA graphs on this thread while
+    the live one keeps decoding streams on the scheduler's thread. A capture in CUDA's global
+    mode would make that thread's synchronizing calls fail (or the capture itself); the streams
+    that end during the capture must give exactly the greedy tokens they give alone."""
+    def load_on_gpu(path) -> Engine:
+        engine = Engine.load(path, device="cuda", verify=False)
+        engine.warm_up()
+        return engine
+
+    scheduler = Scheduler(queue_depth=8, prefill_chunk=16)
+    scheduler.set_engine(load_on_gpu(engines[0]))
+    try:
+        greedy = SamplingParams(max_new_tokens=12)
+        expected = {p: collect(scheduler.submit(Prompt(text=p), greedy))[1] for p in PROMPTS[:2]}
+        done = threading.Event()
+        finished, errors = [], []  # (monotonic time, prompt, token ids)
+
+        def keep_streaming(prompt):
+            while not done.is_set():
+                try:
+                    finished.append((time.monotonic(), prompt, collect(scheduler.submit(Prompt(text=prompt), greedy))[1]))
+                except Exception as e:  # noqa: BLE001 - asserted on below
+                    errors.append(e)
+                    return
+
+        threads = [threading.Thread(target=keep_streaming, args=(p,)) for p in expected]
+        for t in threads:
+            t.start()
+        began = time.monotonic()
+        new = load_on_gpu(engines[1])
+        ended = time.monotonic()
+        done.set()
+        for t in threads:
+            t.join(60)
+        assert not errors, errors
+        during = [(prompt, ids) for at, prompt, ids in finished if began < at < ended]
+        assert during, f"no stream finished during the {ended - began:.2f} s load and warm-up"
+        assert all(ids == expected[prompt] for prompt, ids in during)
+        assert scheduler.swap_engine(new, mode="beside", timeout=60) is True
+        assert collect(scheduler.submit(Prompt(text=PROMPTS[0]), greedy))[2].engine_id == "engine-b"
     finally:
         scheduler.shutdown()
