@@ -392,6 +392,18 @@ def test_repack_kernel_writes_the_mma_layout(n, k):
     assert torch.equal(on_gpu.cpu(), w4a16_cuda.to_mma_layout(qweight))
 
 
+@pytest.mark.parametrize("n,groups", [(16, 1), (24, 3), (1, 2), (2050, 32)])
+def test_pack_scales_kernel_writes_pack_scales_words(n, groups):
+    """The load-time scale packing kernel gives pack_scales' words: every fp16 scale bit pattern
+    kept, the zero terms of both half-tiles for zeros 0..15, rows past N zero."""
+    w4a16_cuda = _mma_or_skip()
+    gen = torch.Generator().manual_seed(n * 5 + groups)
+    scales = torch.randn(n, groups, generator=gen).half()
+    zeros = torch.randint(0, 16, (n, groups), generator=gen).half()
+    on_gpu = w4a16_cuda.pack_scales_on_gpu(scales.cuda(), zeros.cuda())
+    assert torch.equal(on_gpu.cpu(), w4a16_cuda.pack_scales(scales, zeros))
+
+
 def test_mma_kernel_replays_in_a_cuda_graph():
     w4a16_cuda = _mma_or_skip()
     qw = _weights(4096, 4096, 128)
