@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Build-check-benchmark steps on the GPU machine (the `device` tool), results under $OUT.
 # Name one or more steps; they run in the order given:
-#   tests       every GPU test (-m gpu: kernels, engines vs transformers, INT4 CUDA vs CPU, weights loader, doctor, daemon swaps)
+#   tests       every GPU test (-m gpu: kernels, engines vs transformers, INT4 CUDA vs CPU, weights loader, doctor,
+#               scheduler and daemon swaps; the OTA test files only where `cryptography` imports)
 #   profile     where a decode step's time goes, 8B and 1B shapes, batch $PROFILE_BATCH (default 1; bench/profile_step.py)
 #   profile-prefill  the same for an 8B 512-token prefill, each run's time printed (TTFT spread)
 #   profile-startup  where a 1B process start to warm goes: imports and load + warm-up (bench/profile_startup.py)
@@ -26,7 +27,7 @@ export PYTHONPATH=$PWD/runtime:$PWD/tests PYTHONUNBUFFERED=1 TRITON_CACHE_DIR=/t
     EDGELLM_KERNEL_CACHE=/tmp/edgellm-kernel-cache/edgellm
 OUT=${OUT:-out}
 mkdir -p "$OUT"
-[ $# -gt 0 ] || { sed -n 2,21p "$0" >&2; exit 2; }
+[ $# -gt 0 ] || { sed -n 2,22p "$0" >&2; exit 2; }
 for step in "$@"; do
     echo "=== $step ($(date +%T))"
     case $step in
@@ -120,6 +121,6 @@ PY
             | tee "$OUT/load-gpu.txt" | tail -40
         ;;
     *)
-        echo "unknown step $step" >&2; sed -n 2,21p "$0" >&2; exit 2 ;;
+        echo "unknown step $step" >&2; sed -n 2,22p "$0" >&2; exit 2 ;;
     esac
 done

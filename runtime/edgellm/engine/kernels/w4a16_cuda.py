@@ -437,7 +437,8 @@ extern "C" __global__ void __launch_bounds__(256) w4a16_mma_repack(const u32* ro
 // pack_scales at engine load, one thread per output word (the GPU tests hold this kernel to
 // pack_scales): word (tile T, group q, g, h) = the fp16 scale of row 16 T + g + 8 h, group q, in
 // its low half and the zero term (1024 + zero for h = 0, -(64 + zero) for h = 1) in its high
-// half; rows past N are zero. It replaces ~10 torch ops per weight (~0.17 s of a 1B load).
+// half; rows past N are zero. It replaces ~10 torch ops per weight (a 1B load placed its weights
+// in 0.20 s with them, 0.10 s with this).
 extern "C" __global__ void __launch_bounds__(256) w4a16_mma_pack_scales(const u16* scales, const u16* zeros, u32* out,
                                                                         int N, int groups)
 {
