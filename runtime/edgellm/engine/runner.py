@@ -8,8 +8,6 @@ which slot and where each sequence stands (its position).
 from __future__ import annotations
 
 import dataclasses
-import os
-import threading
 import time
 from pathlib import Path
 from typing import Callable, Sequence
@@ -50,34 +48,6 @@ def resolve_device(name: str) -> torch.device:
     if name.split(":")[0] not in ("cpu", "cuda"):
         raise EngineFormatError(f"device {name!r} is not one of cpu, cuda, auto")
     return torch.device(name)
-
-
-def start_loading_gpu_libraries(config: ModelConfig, device: torch.device) -> threading.Thread | None:
-    """torch sets up cuBLAS and loads its attention kernels at their first call, which was
-    the warm-up's first prefill (~0.1 s each on an H200). Made once on a thread while the
-    engine's weights are read, at the model's attention shape, those costs overlap the read:
-    torch releases the GIL inside its ops. EDGELLM_PRELOAD_LIBRARIES=0 turns it off (to measure it)."""
-    if device.type != "cuda" or os.environ.get("EDGELLM_PRELOAD_LIBRARIES", "1") == "0":
-        return None
-
-    def load() -> None:
-        try:
-            with torch.inference_mode(), torch.cuda.device(device):
-                x = torch.zeros(8, config.hidden_size, dtype=torch.float16, device=device)
-                torch.nn.functional.linear(x, x)
-                torch.matmul(x, x.t())
-                q = torch.zeros(1, config.num_heads, 8, config.head_dim, dtype=torch.float16, device=device)
-                kv = torch.zeros(1, config.num_kv_heads, 8, config.head_dim, dtype=torch.float16, device=device)
-                with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
-                    torch.nn.functional.scaled_dot_product_attention(
-                        q, kv, kv, is_causal=True, enable_gqa=config.num_heads != config.num_kv_heads)
-                torch.cuda.synchronize(device)
-        except Exception:  # noqa: BLE001 - only a head start: the warm-up runs the same calls and reports their errors
-            return
-
-    thread = threading.Thread(target=load, name="gpu-libraries", daemon=True)
-    thread.start()
-    return thread
 
 
 @dataclasses.dataclass
@@ -168,7 +138,6 @@ class Engine:
             verify_files(engine_dir, manifest, others)
         lap("verify_other_files")
         config = ModelConfig.from_dict(manifest.model["config"])
-        libraries = start_loading_gpu_libraries(config, dev)
         quant = manifest.quantization
         scheme = quant["scheme"]
         compute_dtype = torch.float16 if dev.type == "cuda" else torch.float32
@@ -204,8 +173,6 @@ class Engine:
             model.use_gpu_kernels()
         tokenizer = Tokenizer.from_dir(engine_dir)
         engine = cls(engine_dir, manifest, model, tokenizer, dev)
-        if libraries is not None:
-            libraries.join()  # done before the warm-up's captures start
         lap("cache_and_tokenizer")
         engine.load_timings = timings
         return engine
