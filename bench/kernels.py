@@ -153,14 +153,18 @@ def bench_mma(m, n, k, g, copies, gen, cfg=None):
     return graph_time_us(calls)
 
 
-def mma_candidates(n: int, k: int, sms: int):
+def mma_candidates(n: int, k: int, sms: int, m: int):
     """Tensor-core kernel configurations (--sweep-mma): the chosen one with and without early
-    start (programmatic dependent launch), then each K split and ring depth."""
+    start (programmatic dependent launch), then each K split and ring depth, with one tile per
+    block and (up to 8 rows) two."""
     C = w4a16_cuda.MmaConfig
-    chosen = w4a16_cuda.pick_config(n, k, sms)
+    chosen = w4a16_cuda.pick_config(n, k, sms, m)
     out = [chosen, dataclasses.replace(chosen, early_start=False)]
     out += [C(warps, stages) for warps in (2, 4, 8, 16) for stages in (4, 5, 8)
             if k // 128 >= 2 * warps and (w4a16_cuda.block_threads(warps), stages) in w4a16_cuda.BLOCK_SHAPES]
+    if m <= 8:
+        out += [C(warps, stages, tiles=2) for warps in (4, 8, 16) for stages in (3, 4)
+                if k // 128 >= 2 * warps and (w4a16_cuda.block_threads(warps), stages) in w4a16_cuda.TWO_TILE_SHAPES]
     return list(dict.fromkeys(out))
 
 
@@ -230,7 +234,7 @@ def ncu_target(which: str, g: int, sms: int) -> None:
         (qw, s, z), = random_weights(n, k, g, 1, gen)
         w = w4a16_cuda.MmaWeights.from_rowpacked(qw, s, z, g)
         x = torch.randn(m, k, device="cuda", generator=gen).half()
-        cfg = w4a16_cuda.pick_config(n, k, sms)
+        cfg = w4a16_cuda.pick_config(n, k, sms, m)
         print(which, cfg)
         for _ in range(5):
             w4a16_cuda.w4a16_mma_linear(x, w, config=cfg)
@@ -308,10 +312,11 @@ def main() -> None:
                     print(f"  sweep {name} M={m} {cand.kind} {shape}: {t:.1f} us", flush=True)
             if (args.sweep_mma and mma_ok and name in args.sweep_shapes.split(",")
                     and str(m) in args.sweep_m.split(",")):
-                for cand in mma_candidates(n, k, sms):
+                for cand in mma_candidates(n, k, sms, m):
                     t = bench_mma(m, n, k, g, mma_copies, gen, cand)
                     result["sweep"].append(dict(shape=name, N=n, K=k, M=m, config=cand.__dict__, us=t))
-                    print(f"  sweep {name} M={m} warps {cand.warps} stages {cand.stages} early start {cand.early_start}: {t:.1f} us "
+                    print(f"  sweep {name} M={m} warps {cand.warps} stages {cand.stages} tiles {cand.tiles} "
+                          f"early start {cand.early_start}: {t:.1f} us "
                           f"{100 * w4_bytes(m, n, k, g) / t / 1e3 / bw:5.1f}% bw", flush=True)
             t_triton = bench_w4a16(m, n, k, g, copies, cfg, gen)
             t = bench_mma(m, n, k, g, mma_copies, gen) if mma_ok else t_triton

@@ -424,14 +424,17 @@ def _mma_configs():
     from edgellm.engine.kernels.w4a16_cuda import MmaConfig
 
     configs = [MmaConfig(w, stages, early) for w in (1, 2, 4, 8) for stages in (4, 5, 8) for early in (False, True)]
-    return configs + [MmaConfig(16, stages, early) for stages in (4, 5) for early in (False, True)]
+    configs += [MmaConfig(w, stages, early, tiles=2) for w in (1, 4, 8) for stages in (3, 4) for early in (False, True)]
+    return configs + [MmaConfig(16, stages, early) for stages in (4, 5) for early in (False, True)] + [
+        MmaConfig(16, 3, early, tiles=2) for early in (False, True)]
 
 
 @pytest.mark.parametrize("config", _mma_configs(), ids=str)
-@pytest.mark.parametrize("n,k,m", [(1000, 4096, 1), (2048, 8192, 9), (48, 512, 16)])
+@pytest.mark.parametrize("n,k,m", [(1000, 4096, 1), (1000, 4096, 8), (2048, 8192, 9), (48, 512, 16), (40, 512, 3)])
 def test_mma_kernel_configurations(config, n, k, m):
     """Every K split (chunks per warp from 1 to 128, some warps with fewer chunks than ring
-    slots, 16 warps in a 512-thread block), with and without early start."""
+    slots, 16 warps in a 512-thread block), with and without early start, one and two tiles per
+    block (1000 and 40 rows: an odd number of tiles, the last block's second tile past N)."""
     w4a16_cuda = _mma_or_skip()
     qw = _weights(n, k, 128)
     packed = w4a16_cuda.MmaWeights.from_rowpacked(qw.qweight, qw.scales, qw.zeros, 128)
@@ -439,11 +442,62 @@ def test_mma_kernel_configurations(config, n, k, m):
     x = torch.randn(m, k, device="cuda").half()
     ref = x.float() @ qw.dequantize(torch.float32).t()
     out = _poisoned(m, n)
+    if config.tiles == 2 and m > 8:
+        with pytest.raises(ValueError, match="up to 8 rows"):
+            w4a16_cuda.w4a16_mma_linear(x, packed, out=out, config=config)
+        return
     w4a16_cuda.w4a16_mma_linear(x, packed, out=out, config=config)
     err = _rel_err(out, ref)
     print(f"mma {config} M={m} N={n} K={k}: rel err {err:.2e}")
     assert torch.isfinite(out).all(), "unwritten or non-finite output"
     assert err < REL_TOL
+
+
+@pytest.mark.parametrize("kind", ["bias", "g64", "gate_up", "norm_in", "residual"])
+@pytest.mark.parametrize("m", [1, 3, 8])
+@pytest.mark.parametrize("warps,stages", [(8, 3), (4, 4), (16, 3)])
+def test_two_tile_blocks_write_what_one_tile_blocks_write(kind, m, warps, stages):
+    """A block of two tiles (one read of x for both) gives the one-tile kernel's output bit for
+    bit: the same sums in the same order per tile. Every epilogue: bias, G = 64 (two scales per
+    pair), SiLU(gate) * up, a norm folded in before, the residual add with the next norm's input
+    and sums of squares after (those add atomically, in any order: compared to 1e-6). An odd number
+    of tiles: the last block's second tile lies past N and must write nothing."""
+    w4a16_cuda = _mma_or_skip()
+    g = 64 if kind == "g64" else 128
+    n, k = (2000, 4096) if kind == "gate_up" else (1000, 4096) if kind != "g64" else (2992, 1536)
+    qw = _weights(n, k, g)
+    packed = w4a16_cuda.MmaWeights.from_rowpacked(qw.qweight, qw.scales, qw.zeros, g, gate_up=kind == "gate_up")
+    torch.manual_seed(m + n)
+    x = torch.randn(m, k, device="cuda").half()
+    bias = torch.randn(n, device="cuda").half() if kind in ("bias", "gate_up") else None
+    if kind == "gate_up":
+        bias = w4a16_cuda.interleave_gate_up(bias)
+    out_n = n // 2 if kind == "gate_up" else n
+    residual = torch.randn(m, n, device="cuda").half()
+    weight = (torch.rand(n, device="cuda") + 0.5).half()
+    in_sumsq = x.float().pow(2).sum(-1) * 0.7
+
+    def run(config):
+        out = residual.clone() if kind == "residual" else _poisoned(m, out_n)
+        sums = torch.full((m,), 3.0, device="cuda")
+        scaled = _poisoned(m, n)
+        fold = None
+        if kind == "norm_in":
+            fold = w4a16_cuda.Fold(in_sumsq=in_sumsq, eps=1e-5)
+        elif kind == "residual":
+            fold = w4a16_cuda.Fold(add_to_out=True, out_sumsq=sums, next_weight=weight, scaled=scaled)
+        w4a16_cuda.w4a16_mma_linear(x, packed, bias, out=out, config=config, fold=fold)
+        return out, sums, scaled
+
+    one = run(w4a16_cuda.MmaConfig(warps, 4))
+    two = run(w4a16_cuda.MmaConfig(warps, stages, tiles=2))
+    torch.cuda.synchronize()
+    print(f"two-tile {kind} M={m} warps {warps} ring {stages}: max |diff| "
+          f"{(two[0].float() - one[0].float()).abs().max().item():.1e}")
+    assert torch.isfinite(one[0]).all() and torch.equal(two[0], one[0])
+    if kind == "residual":
+        assert torch.equal(two[2], one[2])
+        assert torch.allclose(two[1], one[1], rtol=1e-6)
 
 
 def test_early_start_chain_in_a_graph_waits_for_each_input():

@@ -156,163 +156,13 @@ struct Fold {
     const u16* next_weight; u16* scaled; long long stride_scaled;
 };
 
-// out[m, n] = sum_k x[m, k] * (q[n, k] - zero[n, k / G]) * scale[n, k / G] (+ bias[n]) for
-// M <= 8 * MB rows of x. Block: the 16 output features of tile blockIdx.x; its warps take
-// equal runs of the K / 128 chunk pairs (one step of the main loop: 1 KB of weights per warp,
-// so the fixed cost of a step, addresses, copies, waits and scaling, is paid once per 1 KB).
-// G = 1 << gshift, a power of two >= 64 dividing K. SPLIT_GROUP (G = 64): the two chunks of a
-// pair have scales of their own; otherwise one group holds the pair.
-// Within a chunk, MMA step j's fragment column kk stands for k = 16 t' + 4 j + 2 h + e
-// (kk = 2 t' + 8 h + e), so lane 4 g + t finds all its B fragments of the chunk in the 16
-// consecutive x values 64 c + 16 t .. + 15: two 16-byte loads (the weights are laid out to match).
-// Each warp streams its pairs through a private ring of STAGES slots in shared memory (a lane
-// copies its own 32 bytes of weights and 8 (SPLIT_GROUP: 16) of scale/zero per pair, and
-// reads back only those: no barrier), STAGES - 1 pairs ahead of the arithmetic; x lines are
-// prefetched into L1 as far ahead. The first pairs are requested before waiting for the
-// previous kernel: weights never depend on it.
-template <int MB, int STAGES, bool SPLIT_GROUP>
-__device__ __forceinline__ void w4a16_mma(
-    const u16* __restrict__ x, long long stride_xm, int M, const uint4* __restrict__ qw,
-    const uint2* __restrict__ sz, const u16* __restrict__ bias,
-    u16* __restrict__ out, long long stride_om, int N, int K, int gshift, int gate_up, const Fold& fold,
-    unsigned char* smem)
+// The epilogue of one 16-row tile, by warp 0 after the cross-warp sum: acc[mb][r] (C fragment) is
+// output row 16 tile + g + 8 (r / 2), x row 8 mb + 2 t + r % 2. Rows past N are not stored.
+template <int MB>
+__device__ __forceinline__ void store_tile(
+    float (&acc)[MB][4], int tile, int M, const u16* __restrict__ bias, u16* __restrict__ out, long long stride_om,
+    int N, int K, int gate_up, const Fold& fold, int g, int t)
 {
-    constexpr int SZ = SPLIT_GROUP ? 2 : 1;  // scale/zero words per lane and pair
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, warps = blockDim.x >> 5;
-    const int g = lane >> 2, t = lane & 3;
-    const int tile = blockIdx.x;
-    const int pairs = K >> 7;
-    const int p_begin = (pairs * warp) / warps, n_pairs = (pairs * (warp + 1)) / warps - p_begin;
-    const uint4* wp = qw + ((long long)tile * 2 * pairs + 2 * p_begin) * 32 + lane;  // pair p_begin + i, chunk h at wp[64 i + 32 h]
-    const uint2* szp = sz + (long long)tile * (K >> gshift) * 8 + g;                // group q at szp[8 q]
-    const int pair_to_group = gshift - 7;                                           // (one group per pair) pair p lies in group p >> this
-    uint4* ring_w = reinterpret_cast<uint4*>(smem) + warp * STAGES * 64 + lane;    // slot s, chunk h at ring_w[64 s + 32 h]
-    uint2* ring_sz = reinterpret_cast<uint2*>(smem + warps * STAGES * 1024) + warp * STAGES * 32 * SZ + lane;  // ring_sz[32 (SZ s + h)]
-    float* red = reinterpret_cast<float*>(smem + warps * STAGES * (1024 + 256 * SZ));
-    auto request = [&](int i, int slot) {  // pair p_begin + i into its slot, i % STAGES
-        copy_async16(ring_w + 64 * slot, wp + 64 * i);
-        copy_async16(ring_w + 64 * slot + 32, wp + 64 * i + 32);
-        if (SPLIT_GROUP) {
-            copy_async8(ring_sz + 64 * slot, szp + 16 * (p_begin + i));
-            copy_async8(ring_sz + 64 * slot + 32, szp + 16 * (p_begin + i) + 8);
-        } else {
-            copy_async8(ring_sz + 32 * slot, szp + 8 * ((p_begin + i) >> pair_to_group));
-        }
-    };
-    const u32 opaque_zero = (u32)(K >> 31);  // K > 0: the masks are their literals, unknown to the compiler
-    const NibbleMasks mask{0x000F000Fu + opaque_zero, 0x00F000F0u + opaque_zero};
-#pragma unroll
-    for (int i = 0; i < STAGES - 1; ++i) {
-        if (i < n_pairs) request(i, i);
-        copy_async_commit();  // one group per pair, empty ones included: the wait counts groups
-    }
-    wait_for_previous_kernel();  // x and out belong to the kernels around this one
-    let_next_kernel_start();
-    if (warp == 0) {  // the epilogue's inputs into L1 now, so that its loads do not wait on L2 at the end
-#pragma unroll
-        for (int mb = 0; mb < MB; ++mb) {
-            const int m = 8 * mb + 2 * t + (g & 1);
-            if (g < 2 && m < M) {
-                if (fold.in_sumsq != 0) prefetch_l1(fold.in_sumsq + m);
-                if (fold.add_to_out) prefetch_l1(out + m * stride_om + tile * 16);
-            }
-        }
-        if (lane == 8 && bias != 0) prefetch_l1(bias + tile * 16);
-        if (lane == 9 && fold.next_weight != 0) prefetch_l1(fold.next_weight + tile * 16);
-    }
-
-    // x[g + 8 mb][128 p_begin + 16 t ..] as 16-byte vectors: pair i, chunk h at xr[mb] + 16 i + 8 h.
-    // Rows past M read row M - 1 (their sums are never stored): no predicates in the loop.
-    const uint4* xr[MB];
-    const u16* x_line[MB];  // lanes 4 g and 4 g + 1 bring chunk t's 128-byte line of row g into L1
-    bool x_prefetcher[MB];
-#pragma unroll
-    for (int mb = 0; mb < MB; ++mb) {
-        const int m = g + 8 * mb;
-        const u16* row = x + (long long)min(m, M - 1) * stride_xm + 128 * p_begin;
-        xr[mb] = reinterpret_cast<const uint4*>(row + 16 * t);
-        x_line[mb] = row + 64 * (t & 1);
-        x_prefetcher[mb] = t < 2 && m < M;
-    }
-    auto prefetch_x = [&](int i) {
-#pragma unroll
-        for (int mb = 0; mb < MB; ++mb)
-            if (x_prefetcher[mb]) prefetch_l1(x_line[mb] + 128 * i);
-    };
-    for (int i = 0; i < STAGES - 1 && i < n_pairs; ++i) prefetch_x(i);
-    float acc[MB][4];
-#pragma unroll
-    for (int mb = 0; mb < MB; ++mb)
-#pragma unroll
-        for (int r = 0; r < 4; ++r) acc[mb][r] = 0.f;
-
-    // Unrolled by the ring's length, so that every slot offset is a constant.
-    for (int i0 = 0; i0 < n_pairs; i0 += STAGES) {
-#pragma unroll
-    for (int s = 0; s < STAGES; ++s) {
-        const int i = i0 + s;  // pair p_begin + i, in slot s
-        if (i >= n_pairs) break;
-        if (i + STAGES - 1 < n_pairs) {
-            request(i + STAGES - 1, (s + STAGES - 1) % STAGES);  // into the slot read one pair ago
-            prefetch_x(i + STAGES - 1);
-        }
-        copy_async_commit();
-        uint4 xv[MB][4];  // chunk h, half e at xv[mb][2 h + e]
-#pragma unroll
-        for (int mb = 0; mb < MB; ++mb)
-#pragma unroll
-            for (int v = 0; v < 4; ++v) xv[mb][v] = load_cached(xr[mb] + 16 * i + 8 * (v >> 1) + (v & 1));
-        copy_async_wait<STAGES - 1>();  // pair i has landed
-        const uint4 w[2] = {ring_w[64 * s], ring_w[64 * s + 32]};
-        const ScaleZero q0 = unpack_sz(ring_sz[32 * SZ * s]);
-        const ScaleZero q[2] = {q0, SPLIT_GROUP ? unpack_sz(ring_sz[32 * SZ * s + 32]) : q0};
-        float part[2][2][MB][4];  // [chunk][even, odd step]: four independent MMA chains of two
-#pragma unroll
-        for (int h = 0; h < 2; ++h)
-#pragma unroll
-            for (int e = 0; e < 2; ++e)
-#pragma unroll
-                for (int mb = 0; mb < MB; ++mb)
-#pragma unroll
-                    for (int r = 0; r < 4; ++r) part[h][e][mb][r] = 0.f;
-#pragma unroll
-        for (int h = 0; h < 2; ++h)
-#pragma unroll
-            for (int j = 0; j < 4; ++j) {
-                u32 a[4];
-                unpack_a(word_of(w[h], j), q[h].za, q[h].zb, mask, a);
-#pragma unroll
-                for (int mb = 0; mb < MB; ++mb) {
-                    const uint4& v = xv[mb][2 * h + (j >> 1)];
-                    mma_16816(part[h][j & 1][mb], a, (j & 1) ? v.z : v.x, (j & 1) ? v.w : v.y);
-                }
-            }
-#pragma unroll
-        for (int mb = 0; mb < MB; ++mb)
-#pragma unroll
-            for (int r = 0; r < 4; ++r) {  // C fragment values 0, 1: row g; 2, 3: row g + 8
-                const float sum0 = part[0][0][mb][r] + part[0][1][mb][r], sum1 = part[1][0][mb][r] + part[1][1][mb][r];
-                const float s0 = r < 2 ? q[0].sa : q[0].sb, s1 = r < 2 ? q[1].sa : q[1].sb;
-                acc[mb][r] += SPLIT_GROUP ? s0 * sum0 + s1 * sum1 : s0 * (sum0 + sum1);
-            }
-    }
-    }
-    if (warps > 1) {  // warp 0 sums the other warps' partial tiles
-        if (warp > 0) {
-#pragma unroll
-            for (int mb = 0; mb < MB; ++mb)
-#pragma unroll
-                for (int r = 0; r < 4; ++r) red[((warp - 1) * 4 * MB + 4 * mb + r) * 32 + lane] = acc[mb][r];
-        }
-        __syncthreads();
-        if (warp > 0) return;
-        for (int w = 1; w < warps; ++w)
-#pragma unroll
-            for (int mb = 0; mb < MB; ++mb)
-#pragma unroll
-                for (int r = 0; r < 4; ++r) acc[mb][r] += red[((w - 1) * 4 * MB + 4 * mb + r) * 32 + lane];
-    }
-    // C fragment: acc[mb][r] is output (row 16 tile + g + 8 (r / 2), x row 8 mb + 2 t + r % 2).
     if (fold.in_sumsq != 0) {
         // x is RMSNorm's input times its weight (see Fold): the norm's 1 / rms scales the sums.
 #pragma unroll
@@ -379,7 +229,7 @@ __device__ __forceinline__ void w4a16_mma(
                 if (fold.next_weight != 0) fold.scaled[m * fold.stride_scaled + row] = float_to_half(f * next_weight[r >> 1]);
             }
         }
-    if (fold.out_sumsq != 0) {  // sum the tile's 16 rows (lanes t, t + 4, .., t + 28), one atomic per x row
+    if (fold.out_sumsq != 0 && tile * 16 < N) {  // sum the tile's 16 rows (lanes t, t + 4, .., t + 28), one atomic per x row
 #pragma unroll
         for (int mb = 0; mb < MB; ++mb)
 #pragma unroll
@@ -394,7 +244,198 @@ __device__ __forceinline__ void w4a16_mma(
     }
 }
 
-#define MMA_ENTRY(NAME, MB, STAGES, SPLIT_GROUP, THREADS, MIN_BLOCKS)                                     \
+// out[m, n] = sum_k x[m, k] * (q[n, k] - zero[n, k / G]) * scale[n, k / G] (+ bias[n]) for
+// M <= 8 * MB rows of x. Block: the 16-row output tiles TILES * blockIdx.x .. + TILES - 1; its
+// warps take equal runs of the K / 128 chunk pairs (one step of the main loop: 1 KB of weights
+// per warp and tile, so the fixed cost of a step, addresses, copies, waits and scaling, is paid
+// once per 1 KB). TILES = 2: the block's tiles share each warp's x loads (x is read once per
+// block, for all of its tiles: at M = 4 one tile's block read as many bytes of x as of weights).
+// G = 1 << gshift, a power of two >= 64 dividing K. SPLIT_GROUP (G = 64): the two chunks of a
+// pair have scales of their own; otherwise one group holds the pair.
+// Within a chunk, MMA step j's fragment column kk stands for k = 16 t' + 4 j + 2 h + e
+// (kk = 2 t' + 8 h + e), so lane 4 g + t finds all its B fragments of the chunk in the 16
+// consecutive x values 64 c + 16 t .. + 15: two 16-byte loads (the weights are laid out to match).
+// Each warp streams its pairs through a private ring of STAGES slots in shared memory (a lane
+// copies its own 32 bytes of weights and 8 (SPLIT_GROUP: 16) of scale/zero per pair and tile, and
+// reads back only those: no barrier), STAGES - 1 pairs ahead of the arithmetic; x lines are
+// prefetched into L1 as far ahead. The first pairs are requested before waiting for the
+// previous kernel: weights never depend on it.
+template <int MB, int STAGES, bool SPLIT_GROUP, int TILES>
+__device__ __forceinline__ void w4a16_mma(
+    const u16* __restrict__ x, long long stride_xm, int M, const uint4* __restrict__ qw,
+    const uint2* __restrict__ sz, const u16* __restrict__ bias,
+    u16* __restrict__ out, long long stride_om, int N, int K, int gshift, int gate_up, const Fold& fold,
+    unsigned char* smem)
+{
+    constexpr int SZ = SPLIT_GROUP ? 2 : 1;  // scale/zero words per lane, pair and tile
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, warps = blockDim.x >> 5;
+    const int g = lane >> 2, t = lane & 3;
+    const int first_tile = blockIdx.x * TILES, last_tile = (N - 1) >> 4;
+    const int pairs = K >> 7;
+    const int p_begin = (pairs * warp) / warps, n_pairs = (pairs * (warp + 1)) / warps - p_begin;
+    const uint4* wp[TILES];  // tile T's pair p_begin + i, chunk h at wp[T][64 i + 32 h]
+    const uint2* szp[TILES];  // tile T's group q at szp[T][8 q]
+#pragma unroll
+    for (int T = 0; T < TILES; ++T) {
+        const int tile = min(first_tile + T, last_tile);  // a tile past N (odd tile count) reads the last one, stores nothing
+        wp[T] = qw + ((long long)tile * 2 * pairs + 2 * p_begin) * 32 + lane;
+        szp[T] = sz + (long long)tile * (K >> gshift) * 8 + g;
+    }
+    const int pair_to_group = gshift - 7;                                           // (one group per pair) pair p lies in group p >> this
+    // Slot s, tile T, chunk h at ring_w[64 (TILES s + T) + 32 h]; its scale/zero at ring_sz[32 (SZ (TILES s + T) + h)].
+    uint4* ring_w = reinterpret_cast<uint4*>(smem) + warp * STAGES * TILES * 64 + lane;
+    uint2* ring_sz = reinterpret_cast<uint2*>(smem + warps * STAGES * TILES * 1024) + warp * STAGES * TILES * 32 * SZ + lane;
+    float* red = reinterpret_cast<float*>(smem + warps * STAGES * TILES * (1024 + 256 * SZ));
+    auto request = [&](int i, int slot) {  // pair p_begin + i of every tile into its slot, i % STAGES
+#pragma unroll
+        for (int T = 0; T < TILES; ++T) {
+            const int at = TILES * slot + T;
+            copy_async16(ring_w + 64 * at, wp[T] + 64 * i);
+            copy_async16(ring_w + 64 * at + 32, wp[T] + 64 * i + 32);
+            if (SPLIT_GROUP) {
+                copy_async8(ring_sz + 64 * at, szp[T] + 16 * (p_begin + i));
+                copy_async8(ring_sz + 64 * at + 32, szp[T] + 16 * (p_begin + i) + 8);
+            } else {
+                copy_async8(ring_sz + 32 * at, szp[T] + 8 * ((p_begin + i) >> pair_to_group));
+            }
+        }
+    };
+    const u32 opaque_zero = (u32)(K >> 31);  // K > 0: the masks are their literals, unknown to the compiler
+    const NibbleMasks mask{0x000F000Fu + opaque_zero, 0x00F000F0u + opaque_zero};
+#pragma unroll
+    for (int i = 0; i < STAGES - 1; ++i) {
+        if (i < n_pairs) request(i, i);
+        copy_async_commit();  // one group per pair, empty ones included: the wait counts groups
+    }
+    wait_for_previous_kernel();  // x and out belong to the kernels around this one
+    let_next_kernel_start();
+    if (warp == 0) {  // the epilogue's inputs into L1 now, so that its loads do not wait on L2 at the end
+#pragma unroll
+        for (int T = 0; T < TILES; ++T) {
+            const int tile = first_tile + T;
+#pragma unroll
+            for (int mb = 0; mb < MB; ++mb) {
+                const int m = 8 * mb + 2 * t + (g & 1);
+                if (g < 2 && m < M) {
+                    if (T == 0 && fold.in_sumsq != 0) prefetch_l1(fold.in_sumsq + m);
+                    if (fold.add_to_out && tile <= last_tile) prefetch_l1(out + m * stride_om + tile * 16);
+                }
+            }
+            if (tile <= last_tile) {
+                if (lane == 8 && bias != 0) prefetch_l1(bias + tile * 16);
+                if (lane == 9 && fold.next_weight != 0) prefetch_l1(fold.next_weight + tile * 16);
+            }
+        }
+    }
+
+    // x[g + 8 mb][128 p_begin + 16 t ..] as 16-byte vectors: pair i, chunk h at xr[mb] + 16 i + 8 h.
+    // Rows past M read row M - 1 (their sums are never stored): no predicates in the loop.
+    const uint4* xr[MB];
+    const u16* x_line[MB];  // lanes 4 g and 4 g + 1 bring chunk t's 128-byte line of row g into L1
+    bool x_prefetcher[MB];
+#pragma unroll
+    for (int mb = 0; mb < MB; ++mb) {
+        const int m = g + 8 * mb;
+        const u16* row = x + (long long)min(m, M - 1) * stride_xm + 128 * p_begin;
+        xr[mb] = reinterpret_cast<const uint4*>(row + 16 * t);
+        x_line[mb] = row + 64 * (t & 1);
+        x_prefetcher[mb] = t < 2 && m < M;
+    }
+    auto prefetch_x = [&](int i) {
+#pragma unroll
+        for (int mb = 0; mb < MB; ++mb)
+            if (x_prefetcher[mb]) prefetch_l1(x_line[mb] + 128 * i);
+    };
+    for (int i = 0; i < STAGES - 1 && i < n_pairs; ++i) prefetch_x(i);
+    float acc[TILES][MB][4];
+#pragma unroll
+    for (int T = 0; T < TILES; ++T)
+#pragma unroll
+        for (int mb = 0; mb < MB; ++mb)
+#pragma unroll
+            for (int r = 0; r < 4; ++r) acc[T][mb][r] = 0.f;
+
+    // Unrolled by the ring's length, so that every slot offset is a constant.
+    for (int i0 = 0; i0 < n_pairs; i0 += STAGES) {
+#pragma unroll
+    for (int s = 0; s < STAGES; ++s) {
+        const int i = i0 + s;  // pair p_begin + i, in slot s
+        if (i >= n_pairs) break;
+        if (i + STAGES - 1 < n_pairs) {
+            request(i + STAGES - 1, (s + STAGES - 1) % STAGES);  // into the slot read one pair ago
+            prefetch_x(i + STAGES - 1);
+        }
+        copy_async_commit();
+        uint4 xv[MB][4];  // chunk h, half e at xv[mb][2 h + e]
+#pragma unroll
+        for (int mb = 0; mb < MB; ++mb)
+#pragma unroll
+            for (int v = 0; v < 4; ++v) xv[mb][v] = load_cached(xr[mb] + 16 * i + 8 * (v >> 1) + (v & 1));
+        copy_async_wait<STAGES - 1>();  // pair i has landed
+#pragma unroll
+        for (int T = 0; T < TILES; ++T) {
+            const int at = TILES * s + T;
+            const uint4 w[2] = {ring_w[64 * at], ring_w[64 * at + 32]};
+            const ScaleZero q0 = unpack_sz(ring_sz[32 * SZ * at]);
+            const ScaleZero q[2] = {q0, SPLIT_GROUP ? unpack_sz(ring_sz[32 * SZ * at + 32]) : q0};
+            float part[2][2][MB][4];  // [chunk][even, odd step]: four independent MMA chains of two
+#pragma unroll
+            for (int h = 0; h < 2; ++h)
+#pragma unroll
+                for (int e = 0; e < 2; ++e)
+#pragma unroll
+                    for (int mb = 0; mb < MB; ++mb)
+#pragma unroll
+                        for (int r = 0; r < 4; ++r) part[h][e][mb][r] = 0.f;
+#pragma unroll
+            for (int h = 0; h < 2; ++h)
+#pragma unroll
+                for (int j = 0; j < 4; ++j) {
+                    u32 a[4];
+                    unpack_a(word_of(w[h], j), q[h].za, q[h].zb, mask, a);
+#pragma unroll
+                    for (int mb = 0; mb < MB; ++mb) {
+                        const uint4& v = xv[mb][2 * h + (j >> 1)];
+                        mma_16816(part[h][j & 1][mb], a, (j & 1) ? v.z : v.x, (j & 1) ? v.w : v.y);
+                    }
+                }
+#pragma unroll
+            for (int mb = 0; mb < MB; ++mb)
+#pragma unroll
+                for (int r = 0; r < 4; ++r) {  // C fragment values 0, 1: row g; 2, 3: row g + 8
+                    const float sum0 = part[0][0][mb][r] + part[0][1][mb][r], sum1 = part[1][0][mb][r] + part[1][1][mb][r];
+                    const float s0 = r < 2 ? q[0].sa : q[0].sb, s1 = r < 2 ? q[1].sa : q[1].sb;
+                    acc[T][mb][r] += SPLIT_GROUP ? s0 * sum0 + s1 * sum1 : s0 * (sum0 + sum1);
+                }
+        }
+    }
+    }
+    if (warps > 1) {  // warp 0 sums the other warps' partial tiles
+        if (warp > 0) {
+#pragma unroll
+            for (int T = 0; T < TILES; ++T)
+#pragma unroll
+                for (int mb = 0; mb < MB; ++mb)
+#pragma unroll
+                    for (int r = 0; r < 4; ++r)
+                        red[((warp - 1) * TILES * 4 * MB + (T * MB + mb) * 4 + r) * 32 + lane] = acc[T][mb][r];
+        }
+        __syncthreads();
+        if (warp > 0) return;
+        for (int w = 1; w < warps; ++w)
+#pragma unroll
+            for (int T = 0; T < TILES; ++T)
+#pragma unroll
+                for (int mb = 0; mb < MB; ++mb)
+#pragma unroll
+                    for (int r = 0; r < 4; ++r) acc[T][mb][r] += red[((w - 1) * TILES * 4 * MB + (T * MB + mb) * 4 + r) * 32 + lane];
+    }
+#pragma unroll
+    for (int T = 0; T < TILES; ++T)
+        store_tile<MB>(acc[T], first_tile + T, M, bias, out, stride_om, N, K, gate_up, fold, g, t);
+}
+
+#define MMA_ENTRY(NAME, MB, STAGES, SPLIT_GROUP, TILES, THREADS, MIN_BLOCKS)                              \
     extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) NAME(                               \
         const u16* x, long long stride_xm, int M, const uint4* qw, const uint2* sz,                       \
         const u16* bias, u16* out, long long stride_om, int N, int K, int gshift, int gate_up,            \
@@ -402,10 +443,10 @@ __device__ __forceinline__ void w4a16_mma(
         u16* scaled, long long stride_scaled) {                                                           \
         extern __shared__ __align__(16) unsigned char smem[];                                             \
         const Fold fold{in_sumsq, eps, add_to_out, out_sumsq, next_weight, scaled, stride_scaled};        \
-        w4a16_mma<MB, STAGES, SPLIT_GROUP>(x, stride_xm, M, qw, sz, bias, out, stride_om, N, K, gshift,   \
-                                           gate_up, fold, smem);                                          \
+        w4a16_mma<MB, STAGES, SPLIT_GROUP, TILES>(x, stride_xm, M, qw, sz, bias, out, stride_om, N, K,    \
+                                                  gshift, gate_up, fold, smem);                           \
     }
-// The entries (w4a16_mma_mb<MB>_s<STAGES>[_t512][_g64]) are listed by compile_cubin: see ENTRIES.
+// The entries (w4a16_mma_mb<MB>_s<STAGES>[_t512][_g64][_x2]) are listed by compile_cubin: see ENTRIES.
 
 
 // int4-rowpacked-v1 [N, K / 8] (weight 8 w + i at bits 4 i of word w) -> the mma layout, as
@@ -502,6 +543,9 @@ BATCH_BLOCKS = (1, 2)  # MB: kernels for up to 8 and 16 rows of x
 # (threads per block, ring slots per warp) the kernels are built for: up to 8 warps per block
 # (256 threads) with rings of 4, 5 or 8 slots (pairs of chunks in flight + 1), 16 warps with 4 or 5.
 BLOCK_SHAPES = ((256, 4), (256, 5), (256, 8), (512, 4), (512, 5))
+# Blocks of two tiles (up to 8 rows of x: MB 1): each slot holds both tiles' pair, so the rings are
+# twice as large per slot; 3 slots give 3 blocks of 8 warps per SM, 4 slots 2.
+TWO_TILE_SHAPES = ((256, 3), (256, 4), (512, 3))
 RING_STAGES = (4, 8)  # the shallow and the deep ring of pick_config
 MAX_ROWS = 8 * BATCH_BLOCKS[-1]
 SLICED_ROWS = 2 * MAX_ROWS  # up to this many rows run as slices; beyond, dequantize + cuBLAS
@@ -557,19 +601,25 @@ def block_threads(warps: int) -> int:
     return 256 if warps <= 8 else 512
 
 
-def entry_name(mb: int, stages: int, split_group: bool, threads: int = 256) -> str:
+def entry_name(mb: int, stages: int, split_group: bool, threads: int = 256, tiles: int = 1) -> str:
     """The kernel entry for up to 8 * mb rows, a ring of `stages` slots, blocks of up to
-    `threads` threads, and G = 64 (split_group) or more."""
-    return f"w4a16_mma_mb{mb}_s{stages}" + ("_t512" if threads == 512 else "") + ("_g64" if split_group else "")
+    `threads` threads, G = 64 (split_group) or more, and `tiles` 16-row tiles per block."""
+    return (f"w4a16_mma_mb{mb}_s{stages}" + ("_t512" if threads == 512 else "") + ("_g64" if split_group else "")
+            + ("_x2" if tiles == 2 else ""))
 
 
-ENTRIES = [(mb, stages, split, threads) for mb in BATCH_BLOCKS for threads, stages in BLOCK_SHAPES for split in (False, True)]
+ENTRIES = ([(mb, stages, split, threads, 1) for mb in BATCH_BLOCKS for threads, stages in BLOCK_SHAPES
+            for split in (False, True)]
+           + [(1, stages, split, threads, 2) for threads, stages in TWO_TILE_SHAPES for split in (False, True)])
 
 
-def min_blocks_per_sm(mb: int, stages: int, threads: int = 256) -> int:
+def min_blocks_per_sm(mb: int, stages: int, threads: int = 256, tiles: int = 1) -> int:
     """The register budget the compiler is held to. Up to 8 rows fit 64 registers without
     spilling: 4 blocks of 8 warps (or 2 of 16) per SM, where 80 registers would allow 3. The
-    deep ring is for shapes of at most two blocks per SM."""
+    deep ring is for shapes of at most two blocks per SM. Two-tile blocks: as many as their
+    rings let share an SM (G = 128)."""
+    if tiles == 2:
+        return 1 if threads == 512 else 3 if stages == 3 else 2
     if threads == 512:
         return 2 if mb == 1 else 1
     if stages == 8:
@@ -580,8 +630,9 @@ def min_blocks_per_sm(mb: int, stages: int, threads: int = 256) -> int:
 def compile_cubin(sm: int) -> bytes:
     """The kernels as a cubin for SM `sm` (e.g. 90), compiled once and cached on disk.
     Needs NVRTC, not a GPU."""
-    entries = "".join(f"MMA_ENTRY({entry_name(mb, stages, split, threads)}, {mb}, {stages}, {str(split).lower()}, "
-                      f"{threads}, {min_blocks_per_sm(mb, stages, threads)})\n" for mb, stages, split, threads in ENTRIES)
+    entries = "".join(f"MMA_ENTRY({entry_name(mb, stages, split, threads, tiles)}, {mb}, {stages}, {str(split).lower()}, "
+                      f"{tiles}, {threads}, {min_blocks_per_sm(mb, stages, threads, tiles)})\n"
+                      for mb, stages, split, threads, tiles in ENTRIES)
     source = SOURCE + entries
     key = hashlib.sha256(source.encode() + f"sm_{sm}".encode()).hexdigest()[:16]
     path = cache_dir() / f"w4a16-mma-sm{sm}-{key}.cubin"
@@ -811,21 +862,27 @@ def interleave_gate_up(rows: torch.Tensor) -> torch.Tensor:
 
 @dataclasses.dataclass(frozen=True)
 class MmaConfig:
-    """How one call runs: `warps` per 16-row tile (K split that many ways: 1, 2, 4, 8 or 16), a
-    ring of `stages` slots per warp (a block shape of BLOCK_SHAPES); early_start None:
-    programmatic dependent launch where pdl.active says so (graph capture)."""
+    """How one call runs: `warps` per block (K split that many ways: 1, 2, 4, 8 or 16), a ring
+    of `stages` slots per warp, `tiles` 16-row output tiles per block (a block shape of
+    BLOCK_SHAPES, or of TWO_TILE_SHAPES for 2 tiles, which take up to 8 rows of x); early_start
+    None: programmatic dependent launch where pdl.active says so (graph capture)."""
 
     warps: int = 8
     stages: int = 4
     early_start: bool | None = None
+    tiles: int = 1
 
     def __post_init__(self):
-        if self.warps not in (1, 2, 4, 8, 16) or (block_threads(self.warps), self.stages) not in BLOCK_SHAPES:
-            raise ValueError(f"no W4A16 kernel for {self.warps} warps with a ring of {self.stages}: "
-                             f"warps 1-8 take rings of 4, 5 or 8 slots, 16 warps rings of 4 or 5")
+        shapes = {1: BLOCK_SHAPES, 2: TWO_TILE_SHAPES}.get(self.tiles)
+        if shapes is None:
+            raise ValueError(f"blocks compute 1 or 2 tiles, not {self.tiles}")
+        if self.warps not in (1, 2, 4, 8, 16) or (block_threads(self.warps), self.stages) not in shapes:
+            raise ValueError(f"no W4A16 kernel for {self.warps} warps with a ring of {self.stages} and {self.tiles} "
+                             f"tile(s) per block: one tile takes warps 1-8 with rings of 4, 5 or 8 slots and 16 warps "
+                             f"with 4 or 5; two tiles take warps 1-8 with rings of 3 or 4 and 16 warps with 3")
 
 
-def pick_config(n: int, k: int, num_sms: int) -> MmaConfig:
+def pick_config(n: int, k: int, num_sms: int, rows: int = 1) -> MmaConfig:
     """Where the tiles fill the SMs with blocks (more than two per SM): 8 warps per tile (K
     split 8 ways: the most warps per SM for the fewest cross-warp sums), each with a ring of
     4 pairs (shared memory and L1 for 4 blocks per SM). Where they give at most two blocks per
@@ -833,11 +890,15 @@ def pick_config(n: int, k: int, num_sms: int) -> MmaConfig:
     2 pairs per warp for them (8B o and down: 14.6 against 15.6 us at M = 1, 1B down 5.9
     against 7.2), with a ring of 5 where that holds the warp's whole share (it is then all
     requested before the wait for the previous kernel) and of 4 otherwise; else 8 warps with
-    the deep ring. Measured in docs/dev/kernels-notes.md (sweep-mma)."""
+    the deep ring. Measured in docs/dev/kernels-notes.md (sweep-mma).
+    From 2 to 8 rows of x, where the tiles fill the SMs, blocks of two tiles share one read of x
+    (EDGELLM_MMA_TWO_TILES=0 turns that off, for measuring it)."""
     warps = 8
     while warps > 1 and k // 128 < 2 * warps:
         warps //= 2
     if -(-n // 16) > 2 * num_sms:
+        if 2 <= rows <= 8 and os.environ.get("EDGELLM_MMA_TWO_TILES", "1") != "0":
+            return MmaConfig(warps, 3, tiles=2)
         return MmaConfig(warps, RING_STAGES[0])
     if k // 128 >= 2 * 16:
         return MmaConfig(16, 5 if k // 128 <= 4 * 16 else 4)
@@ -846,8 +907,8 @@ def pick_config(n: int, k: int, num_sms: int) -> MmaConfig:
 
 def shared_bytes(config: MmaConfig, mb: int, split_group: bool) -> int:
     """Dynamic shared memory of one block: the warps' rings (weights, then scale/zero), then the cross-warp sums."""
-    ring = config.warps * config.stages * (1024 + 256 * (2 if split_group else 1))
-    return ring + (config.warps - 1) * 4 * mb * 32 * 4
+    ring = config.warps * config.stages * config.tiles * (1024 + 256 * (2 if split_group else 1))
+    return ring + (config.warps - 1) * config.tiles * 4 * mb * 32 * 4
 
 
 @dataclasses.dataclass
@@ -928,17 +989,18 @@ def w4a16_mma_linear(x: torch.Tensor, w: MmaWeights, bias: torch.Tensor | None =
         x = x.contiguous()  # x read as 16-byte vectors
     if bias is not None:
         bias = bias.contiguous()
-    config = config or pick_config(w.n, k, sm_count(x.device))
     gshift = w.group_size.bit_length() - 1
     split_group = w.group_size == 64
-    early_start = pdl.active(x.device) if config.early_start is None else config.early_start
     for m0 in range(0, m, MAX_ROWS):
         rows = min(MAX_ROWS, m - m0)
         mb = next(b for b in BATCH_BLOCKS if 8 * b >= rows)
+        cfg = config or pick_config(w.n, k, sm_count(x.device), rows)
+        if cfg.tiles == 2 and mb > 1:
+            raise ValueError(f"two-tile blocks take up to 8 rows of x per launch, got {rows}")
+        early_start = pdl.active(x.device) if cfg.early_start is None else cfg.early_start
         xs, outs = x[m0:m0 + rows], out[m0:m0 + rows]
-        _launch(entry_name(mb, config.stages, split_group, block_threads(config.warps)), x.device, -(-w.n // 16),
-                32 * config.warps,
-                shared_bytes(config, mb, split_group),
+        _launch(entry_name(mb, cfg.stages, split_group, block_threads(cfg.warps), cfg.tiles), x.device,
+                -(-w.n // (16 * cfg.tiles)), 32 * cfg.warps, shared_bytes(cfg, mb, split_group),
                 (xs.data_ptr(), xs.stride(0), rows, w.qweight.data_ptr(), w.scale_zero.data_ptr(),
                  0 if bias is None else bias.data_ptr(), outs.data_ptr(), outs.stride(0), w.n, k, gshift,
                  int(w.gate_up)) + (fold or _NO_FOLD).args(),
