@@ -891,17 +891,30 @@ def pick_config(n: int, k: int, num_sms: int, rows: int = 1) -> MmaConfig:
     against 7.2), with a ring of 5 where that holds the warp's whole share (it is then all
     requested before the wait for the previous kernel) and of 4 otherwise; else 8 warps with
     the deep ring. Measured in docs/dev/kernels-notes.md (sweep-mma).
-    From 2 to 8 rows of x, where the tiles fill the SMs, blocks of two tiles share one read of x
-    (EDGELLM_MMA_TWO_TILES=0 turns that off, for measuring it)."""
+
+    Blocks of two tiles (one read of x for both) won on an H200 (sweep-mma, M = 4 and 8) where
+    their grid is one wave of blocks that each stream at least 4 pairs per warp: up to 4 tiles
+    per SM with 8 warps (8B qkv: 7.2 against 7.5 us at M = 4), 4 warps where 8 would get fewer
+    than 4 pairs (1B gate_up: 9.7 against 10.4), 16 warps and a ring of 3 where the two-tile
+    blocks still cover ~all SMs and K has 4 pairs per warp (8B down: 13.9 against 14.6). They
+    lost where the grid takes several waves (8B gate_up: 30.3 against 27.3) or leaves SMs idle
+    (1B down). EDGELLM_MMA_TWO_TILES=0 turns them off, for measuring."""
     warps = 8
     while warps > 1 and k // 128 < 2 * warps:
         warps //= 2
-    if -(-n // 16) > 2 * num_sms:
-        if 2 <= rows <= 8 and os.environ.get("EDGELLM_MMA_TWO_TILES", "1") != "0":
-            return MmaConfig(warps, 3, tiles=2)
+    tiles = -(-n // 16)
+    pairs = k // 128
+    two_tiles = 2 <= rows <= 8 and os.environ.get("EDGELLM_MMA_TWO_TILES", "1") != "0"
+    if tiles > 2 * num_sms:
+        if two_tiles and warps == 8 and pairs >= 4 * 8 and tiles <= 4 * num_sms:
+            return MmaConfig(8, 4, tiles=2)
+        if two_tiles and 4 * 4 <= pairs < 4 * 8:
+            return MmaConfig(4, 4, tiles=2)
         return MmaConfig(warps, RING_STAGES[0])
-    if k // 128 >= 2 * 16:
-        return MmaConfig(16, 5 if k // 128 <= 4 * 16 else 4)
+    if pairs >= 2 * 16:
+        if two_tiles and pairs >= 4 * 16 and 10 * -(-tiles // 2) >= 9 * num_sms:
+            return MmaConfig(16, 3, tiles=2)
+        return MmaConfig(16, 5 if pairs <= 4 * 16 else 4)
     return MmaConfig(warps, RING_STAGES[-1])
 
 
