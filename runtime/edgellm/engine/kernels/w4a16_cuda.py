@@ -892,27 +892,29 @@ def pick_config(n: int, k: int, num_sms: int, rows: int = 1) -> MmaConfig:
     requested before the wait for the previous kernel) and of 4 otherwise; else 8 warps with
     the deep ring. Measured in docs/dev/kernels-notes.md (sweep-mma).
 
-    Blocks of two tiles (one read of x for both) won on an H200 (sweep-mma, M = 4 and 8) where
-    their grid is one wave of blocks that each stream at least 4 pairs per warp: up to 4 tiles
-    per SM with 8 warps (8B qkv: 7.2 against 7.5 us at M = 4), 4 warps where 8 would get fewer
-    than 4 pairs (1B gate_up: 9.7 against 10.4), 16 warps and a ring of 3 where the two-tile
-    blocks still cover ~all SMs and K has 4 pairs per warp (8B down: 13.9 against 14.6). They
-    lost where the grid takes several waves (8B gate_up: 30.3 against 27.3) or leaves SMs idle
-    (1B down). EDGELLM_MMA_TWO_TILES=0 turns them off, for measuring."""
+    Blocks of two tiles (one read of x for both) won on an H200 (sweep-mma, two calls) where
+    their grid is one wave of blocks that each stream at least 4 pairs per warp: from 4 rows
+    with 8 warps where there are at most 4 tiles per SM (8B qkv, M = 4: 7.26 against 7.32 us,
+    M = 8: 7.65 against 8.53) and with 16 warps and a ring of 3 where the two-tile blocks still
+    cover ~all SMs and K has 4 pairs per warp (8B down, M = 4: 14.0 against 14.6, M = 8: 14.5
+    against 16.2); at every M with 4 warps where 8 would get fewer than 4 pairs (1B gate_up,
+    M = 1: 8.7 against 9.6, M = 4: 9.8 against 10.4). They lost at M = 2 (8B down 13.6 against
+    13.1), where the grid takes several waves (8B gate_up, M = 4: 30.7 against 27.4) or leaves
+    SMs idle (1B down). EDGELLM_MMA_TWO_TILES=0 turns them off, for measuring."""
     warps = 8
     while warps > 1 and k // 128 < 2 * warps:
         warps //= 2
     tiles = -(-n // 16)
     pairs = k // 128
-    two_tiles = 2 <= rows <= 8 and os.environ.get("EDGELLM_MMA_TWO_TILES", "1") != "0"
+    two_tiles = rows <= 8 and os.environ.get("EDGELLM_MMA_TWO_TILES", "1") != "0"
     if tiles > 2 * num_sms:
-        if two_tiles and warps == 8 and pairs >= 4 * 8 and tiles <= 4 * num_sms:
+        if two_tiles and rows >= 4 and warps == 8 and pairs >= 4 * 8 and tiles <= 4 * num_sms:
             return MmaConfig(8, 4, tiles=2)
         if two_tiles and 4 * 4 <= pairs < 4 * 8:
             return MmaConfig(4, 4, tiles=2)
         return MmaConfig(warps, RING_STAGES[0])
     if pairs >= 2 * 16:
-        if two_tiles and pairs >= 4 * 16 and 10 * -(-tiles // 2) >= 9 * num_sms:
+        if two_tiles and rows >= 4 and pairs >= 4 * 16 and 10 * -(-tiles // 2) >= 9 * num_sms:
             return MmaConfig(16, 3, tiles=2)
         return MmaConfig(16, 5 if pairs <= 4 * 16 else 4)
     return MmaConfig(warps, RING_STAGES[-1])
