@@ -16,9 +16,6 @@ flash-decoding chunks and their merge were three kernels of ~2-5 us each, mostly
 * the program whose chunk holds the new token's position ropes its k, writes k and v into
   the cache with the arithmetic of fused.rope_and_write_kv (the same bits), and waits on a
   block barrier so that its own loads below see them;
-* each program requests its chunk's first tile of K and V before it waits for the q|k|v
-  projection (earlier steps wrote them), so that memory round trip overlaps the projection's
-  end; the new token's position is left out of that load and patched in from registers;
 * the merge is done by the last of the row's valid chunks to finish: each stores its
   partial (acc, m, l), then increments a per-(row, kv head) counter with an acq_rel atomic;
   the program that sees the count reach n_valid - 1 reads the others' partials (past L1,
@@ -188,18 +185,6 @@ def decode_attention_rope(
 if triton is not None:
 
     @triton.jit
-    def _attend_tile(q, kt, v, s_mask, m_i, l_i, acc, qk_scale):
-        """One tile of positions into the running softmax (m_i, l_i) and output sums acc."""
-        scores = tl.dot(q, kt) * qk_scale  # log2 domain
-        scores = tl.where(s_mask[None, :], scores, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(scores - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(tl.float16), v)
-        return m_new, l_i, acc
-
-    @triton.jit
     def _attn_rope_kernel(
         qkv_ptr, pos_ptr, slot_ptr, cos_ptr, sin_ptr, k_ptr, v_ptr, out_ptr, part_o_ptr, part_ml_ptr, count_ptr,
         stride_t, stride_cos, stride_kslot, stride_kh, stride_ks, stride_ob, stride_oh, qk_scale,
@@ -227,23 +212,12 @@ if triton is not None:
             rd = tl.arange(0, D)
             cs_d = tl.load(cos_ptr + pos * stride_cos + rd)
             sn_d = tl.load(sin_ptr + pos * stride_cos + rd)
-            kv_off = slot * stride_kslot + h * stride_kh
-            rs = tl.arange(0, BLOCK_S)
-            k_ptrs = k_ptr + kv_off + rs[None, :] * stride_ks + rd[:, None]  # [D, BLOCK_S]
-            v_ptrs = v_ptr + kv_off + rs[:, None] * stride_ks + rd[None, :]  # [BLOCK_S, D]
-            end = tl.minimum(start + chunk, seq_len)
-            # The chunk's first tile of K and V is requested before the wait: earlier steps wrote
-            # it, so its memory latency overlaps the q|k|v projection's end. The new token's
-            # position is left out (this step writes it below) and patched in from registers.
-            first = start + rs
-            first_mask = (first < end) & (first != pos)
-            kt = tl.load(k_ptrs + start * stride_ks, mask=first_mask[None, :], other=0.0)
-            v = tl.load(v_ptrs + start * stride_ks, mask=first_mask[:, None], other=0.0)
             if PDL:
                 tl.extra.cuda.gdc_wait()
                 if NEXT_EARLY:
                     tl.extra.cuda.gdc_launch_dependents()
             row = qkv_ptr + b.to(tl.int64) * stride_t  # this row's q heads, then k heads, then v heads
+            kv_off = slot * stride_kslot + h * stride_kh
             if pos < start + chunk:
                 # The new token is in this chunk: rope its k and write k and v into the cache,
                 # with fused._rope_kv_kernel's arithmetic (the caches hold the same bits).
@@ -255,21 +229,10 @@ if triton is not None:
                 dst = kv_off + pos * stride_ks
                 tl.store(k_ptr + dst + rh, (x1 * cs - x2 * sn).to(tl.float16))
                 tl.store(k_ptr + dst + HALF + rh, (x2 * cs + x1 * sn).to(tl.float16))
-                v_new = tl.load(row + (HQ + HKV + h) * D + rd)
-                tl.store(v_ptr + dst + rd, v_new)
+                tl.store(v_ptr + dst + rd, tl.load(row + (HQ + HKV + h) * D + rd))
                 # Other threads of this block load those rows in the loop below: a block barrier
                 # orders their loads after the stores.
                 tl.debug_barrier()
-                if pos < start + BLOCK_S:
-                    # The same k in the tile's [D] order: the same products of the same operands.
-                    rl = rd % HALF
-                    cs_l = tl.load(cos_ptr + pos * stride_cos + rl)
-                    sn_l = tl.load(sin_ptr + pos * stride_cos + rl)
-                    lo = tl.load(row + (HQ + h) * D + rl).to(tl.float32)
-                    hi = tl.load(row + (HQ + h) * D + HALF + rl).to(tl.float32)
-                    k_new = tl.where(rd < HALF, lo * cs_l - hi * sn_l, hi * cs_l + lo * sn_l).to(tl.float16)
-                    kt = tl.where(first[None, :] == pos, k_new[:, None], kt)
-                    v = tl.where(first[:, None] == pos, v_new[None, :], v)
             # The GROUP query heads of kv head h, roped: x * cos + rotate_half(x) * sin, with
             # rotate_half(x) = [-x2, x1] read as the other half of each head.
             rg = tl.arange(0, BLOCK_G)
@@ -280,17 +243,27 @@ if triton is not None:
             rotated = tl.where(rd[None, :] < HALF, -x_other, x_other)
             q = (x * cs_d[None, :] + rotated * sn_d[None, :]).to(tl.float16)
 
+            rs = tl.arange(0, BLOCK_S)
+            k_ptrs = k_ptr + kv_off + rs[None, :] * stride_ks + rd[:, None]  # [D, BLOCK_S]
+            v_ptrs = v_ptr + kv_off + rs[:, None] * stride_ks + rd[None, :]  # [BLOCK_S, D]
             m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
             l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
             acc = tl.zeros([BLOCK_G, D], dtype=tl.float32)
-            m_i, l_i, acc = _attend_tile(q, kt, v, first < end, m_i, l_i, acc, qk_scale)
+            end = tl.minimum(start + chunk, seq_len)
             # The interpreter needs static loop bounds (the masks do the rest); compiled, the
             # loop stops at the sequence's end.
-            for s0 in range(BLOCK_S, MAX_CHUNK if INTERPRET else end - start, BLOCK_S):
+            for s0 in range(0, MAX_CHUNK if INTERPRET else end - start, BLOCK_S):
                 s_mask = start + s0 + rs < end
                 kt = tl.load(k_ptrs + (start + s0) * stride_ks, mask=s_mask[None, :], other=0.0)
                 v = tl.load(v_ptrs + (start + s0) * stride_ks, mask=s_mask[:, None], other=0.0)
-                m_i, l_i, acc = _attend_tile(q, kt, v, s_mask, m_i, l_i, acc, qk_scale)
+                scores = tl.dot(q, kt) * qk_scale  # log2 domain
+                scores = tl.where(s_mask[None, :], scores, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+                alpha = tl.exp2(m_i - m_new)
+                p = tl.exp2(scores - m_new[:, None])
+                l_i = l_i * alpha + tl.sum(p, axis=1)
+                acc = acc * alpha[:, None] + tl.dot(p.to(tl.float16), v)
+                m_i = m_new
 
             hq = h * GROUP + rg
             n_valid = tl.cdiv(seq_len, chunk)  # chunks holding part of the sequence
