@@ -18,6 +18,7 @@
 #   decode-ours bench/decode.py without transformers (quicker; DECODE_SHAPES=llama-3.1-8b for one shape)
 #   decode-no-pdl  the same with programmatic dependent launch off (EDGELLM_PDL=0), under $OUT/no-pdl
 #   decode-no-fold the same with the norm kernels instead of norms folded into the projections (EDGELLM_FOLD_NORMS=0)
+#   decode-one-tile the same with one 16-row tile per W4A16 block at every batch (EDGELLM_MMA_TWO_TILES=0), under $OUT/one-tile
 #   serve-load  the daemon on a 1B-shape INT4 engine under bench/load.py, 5 min
 # e.g. bash bench/h100_cycle.sh tests profile decode-ours
 # The generated gRPC message code is ignored by git: carry runtime/edgellm/v1/*_pb2.py.
@@ -27,7 +28,7 @@ export PYTHONPATH=$PWD/runtime:$PWD/tests PYTHONUNBUFFERED=1 TRITON_CACHE_DIR=/t
     EDGELLM_KERNEL_CACHE=/tmp/edgellm-kernel-cache/edgellm
 OUT=${OUT:-out}
 mkdir -p "$OUT"
-[ $# -gt 0 ] || { sed -n 2,22p "$0" >&2; exit 2; }
+[ $# -gt 0 ] || { sed -n 2,23p "$0" >&2; exit 2; }
 for step in "$@"; do
     echo "=== $step ($(date +%T))"
     case $step in
@@ -103,6 +104,11 @@ for step in "$@"; do
         EDGELLM_FOLD_NORMS=0 timeout 300 python3 bench/decode.py --out "$OUT/no-fold" --skip-hf ${DECODE_SHAPES:+--shapes "$DECODE_SHAPES"} 2>&1 \
             | tee "$OUT/no-fold/decode.txt" | tail -12
         ;;
+    decode-one-tile)
+        mkdir -p "$OUT/one-tile"
+        EDGELLM_MMA_TWO_TILES=0 timeout 300 python3 bench/decode.py --out "$OUT/one-tile" --skip-hf ${DECODE_SHAPES:+--shapes "$DECODE_SHAPES"} 2>&1 \
+            | tee "$OUT/one-tile/decode.txt" | tail -12
+        ;;
     decode-no-pdl)
         mkdir -p "$OUT/no-pdl"
         EDGELLM_PDL=0 timeout 300 python3 bench/decode.py --out "$OUT/no-pdl" --skip-hf 2>&1 | tee "$OUT/no-pdl/decode.txt" | tail -30
@@ -121,6 +127,6 @@ PY
             | tee "$OUT/load-gpu.txt" | tail -40
         ;;
     *)
-        echo "unknown step $step" >&2; sed -n 2,22p "$0" >&2; exit 2 ;;
+        echo "unknown step $step" >&2; sed -n 2,23p "$0" >&2; exit 2 ;;
     esac
 done
