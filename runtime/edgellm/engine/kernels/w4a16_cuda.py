@@ -28,8 +28,9 @@ exactly (a nibble at bits 4..7 gives 1024 + 16 q: times 1/16, minus 64 + zero, o
 Each 64-wide chunk lies in one quantization group, so the scale multiplies the chunk's
 fp32 partial sums, not every weight.
 
-A block computes one 16-row tile of the output; its warps split K and meet in shared
-memory (no atomics, no workspace, deterministic, CUDA-graph capturable). A warp steps over
+A block computes one 16-row tile of the output (or two, sharing each warp's x loads, where
+pick_config finds that faster); its warps split K and meet in shared memory (no atomics, no
+workspace, deterministic, CUDA-graph capturable). A warp steps over
 pairs of chunks (1 KB of weights: the per-step costs, a wait, addresses, a scale, are paid
 once per pair) and streams them through a ring of 4, 5 or 8 slots (BLOCK_SHAPES) in shared
 memory with cp.async, so the weight loads in flight cost no registers; on SM 9.0+ the kernel is launched to start early
