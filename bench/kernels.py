@@ -153,12 +153,12 @@ def bench_mma(m, n, k, g, copies, gen, cfg=None):
     return graph_time_us(calls)
 
 
-def mma_candidates(n: int, k: int, sms: int, m: int):
+def mma_candidates(n: int, k: int, sms: int, m: int, g: int):
     """Tensor-core kernel configurations (--sweep-mma): the chosen one with and without early
     start (programmatic dependent launch), then each K split and ring depth, with one tile per
     block and (up to 8 rows) two."""
     C = w4a16_cuda.MmaConfig
-    chosen = w4a16_cuda.pick_config(n, k, sms, m)
+    chosen = w4a16_cuda.pick_config(n, k, sms, m, w4a16_cuda.max_shared_bytes(torch.cuda.current_device()), g == 64)
     out = [chosen, dataclasses.replace(chosen, early_start=False)]
     out += [C(warps, stages) for warps in (2, 4, 8, 16) for stages in (4, 5, 8)
             if k // 128 >= 2 * warps and (w4a16_cuda.block_threads(warps), stages) in w4a16_cuda.BLOCK_SHAPES]
@@ -234,7 +234,7 @@ def ncu_target(which: str, g: int, sms: int) -> None:
         (qw, s, z), = random_weights(n, k, g, 1, gen)
         w = w4a16_cuda.MmaWeights.from_rowpacked(qw, s, z, g)
         x = torch.randn(m, k, device="cuda", generator=gen).half()
-        cfg = w4a16_cuda.pick_config(n, k, sms, m)
+        cfg = w4a16_cuda.pick_config(n, k, sms, m, w4a16_cuda.max_shared_bytes(torch.cuda.current_device()), g == 64)
         print(which, cfg)
         for _ in range(5):
             w4a16_cuda.w4a16_mma_linear(x, w, config=cfg)
@@ -312,8 +312,12 @@ def main() -> None:
                     print(f"  sweep {name} M={m} {cand.kind} {shape}: {t:.1f} us", flush=True)
             if (args.sweep_mma and mma_ok and name in args.sweep_shapes.split(",")
                     and str(m) in args.sweep_m.split(",")):
-                for cand in mma_candidates(n, k, sms, m):
-                    t = bench_mma(m, n, k, g, mma_copies, gen, cand)
+                for cand in mma_candidates(n, k, sms, m, g):
+                    try:
+                        t = bench_mma(m, n, k, g, mma_copies, gen, cand)
+                    except ValueError as e:  # e.g. more shared memory than this GPU has
+                        print(f"  sweep {name} M={m} {cand}: skipped: {e}", flush=True)
+                        continue
                     result["sweep"].append(dict(shape=name, N=n, K=k, M=m, config=cand.__dict__, us=t))
                     print(f"  sweep {name} M={m} warps {cand.warps} stages {cand.stages} tiles {cand.tiles} "
                           f"early start {cand.early_start}: {t:.1f} us "

@@ -429,6 +429,15 @@ def _mma_configs():
         MmaConfig(16, 3, early, tiles=2) for early in (False, True)]
 
 
+def _skip_unless_it_fits(w4a16_cuda, config, rows: int, split_group: bool) -> None:
+    """A configuration that needs more shared memory per block than this GPU has (an L40S
+    allows 99 KB) is refused by w4a16_mma_linear; pick_config never chooses one."""
+    need = w4a16_cuda.shared_bytes(config, 1 if rows <= 8 else 2, split_group)
+    limit = w4a16_cuda.max_shared_bytes(torch.cuda.current_device())
+    if need > limit:
+        pytest.skip(f"{config} needs {need} bytes of shared memory per block, this GPU allows {limit}")
+
+
 @pytest.mark.parametrize("config", _mma_configs(), ids=str)
 @pytest.mark.parametrize("n,k,m", [(1000, 4096, 1), (1000, 4096, 8), (2048, 8192, 9), (48, 512, 16), (40, 512, 3)])
 def test_mma_kernel_configurations(config, n, k, m):
@@ -436,6 +445,7 @@ def test_mma_kernel_configurations(config, n, k, m):
     slots, 16 warps in a 512-thread block), with and without early start, one and two tiles per
     block (1000 and 40 rows: an odd number of tiles, the last block's second tile past N)."""
     w4a16_cuda = _mma_or_skip()
+    _skip_unless_it_fits(w4a16_cuda, config, m, False)
     qw = _weights(n, k, 128)
     packed = w4a16_cuda.MmaWeights.from_rowpacked(qw.qweight, qw.scales, qw.zeros, 128)
     torch.manual_seed(m)
@@ -464,6 +474,7 @@ def test_two_tile_blocks_write_what_one_tile_blocks_write(kind, m, warps, stages
     of tiles: the last block's second tile lies past N and must write nothing."""
     w4a16_cuda = _mma_or_skip()
     g = 64 if kind == "g64" else 128
+    _skip_unless_it_fits(w4a16_cuda, w4a16_cuda.MmaConfig(warps, stages, tiles=2), m, g == 64)
     n, k = (2000, 4096) if kind == "gate_up" else (1000, 4096) if kind != "g64" else (2992, 1536)
     qw = _weights(n, k, g)
     packed = w4a16_cuda.MmaWeights.from_rowpacked(qw.qweight, qw.scales, qw.zeros, g, gate_up=kind == "gate_up")

@@ -673,12 +673,20 @@ def _functions(device_index: int) -> dict[str, object]:
     names = ring + ["w4a16_mma_dequant", "w4a16_mma_repack", "w4a16_mma_pack_scales"]
     functions = {name: _ok(driver.cuModuleGetFunction(module, name.encode()), "cuModuleGetFunction") for name in names}
     # The rings take more than the 48 KB of shared memory a block gets without asking.
-    optin = _ok(driver.cuDeviceGetAttribute(
-        driver.CUdevice_attribute.CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN, device_index), "cuDeviceGetAttribute")
+    optin = max_shared_bytes(device_index)
     for name in ring:
         _ok((driver.cuFuncSetAttribute(functions[name], driver.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
                                        optin)[0], None), "cuFuncSetAttribute")
     return functions
+
+
+@functools.cache
+def max_shared_bytes(device_index: int) -> int:
+    """Shared memory one block may use on this GPU, asked for (bytes): 227 KB on SM 9.0, 163 KB
+    on SM 8.0 and 8.7 (Jetson Orin), 99 KB on SM 8.6 and 8.9 (L40S)."""
+    driver, _ = _bindings()
+    return int(_ok(driver.cuDeviceGetAttribute(
+        driver.CUdevice_attribute.CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN, device_index), "cuDeviceGetAttribute"))
 
 
 def _launch(name: str, device: torch.device, grid: int, threads: int, shared: int, args: tuple, types: tuple,
@@ -883,7 +891,7 @@ class MmaConfig:
                              f"with 4 or 5; two tiles take warps 1-8 with rings of 3 or 4 and 16 warps with 3")
 
 
-def pick_config(n: int, k: int, num_sms: int, rows: int = 1) -> MmaConfig:
+def _preferred_config(n: int, k: int, num_sms: int, rows: int) -> MmaConfig:
     """Where the tiles fill the SMs with blocks (more than two per SM): 8 warps per tile (K
     split 8 ways: the most warps per SM for the fewest cross-warp sums), each with a ring of
     4 pairs (shared memory and L1 for 4 blocks per SM). Where they give at most two blocks per
@@ -919,6 +927,35 @@ def pick_config(n: int, k: int, num_sms: int, rows: int = 1) -> MmaConfig:
             return MmaConfig(16, 3, tiles=2)
         return MmaConfig(16, 5 if pairs <= 4 * 16 else 4)
     return MmaConfig(warps, RING_STAGES[-1])
+
+
+def pick_config(n: int, k: int, num_sms: int, rows: int = 1, shared_limit: int | None = None,
+                split_group: bool = False) -> MmaConfig:
+    """The configuration for an [rows, k] x [n, k]^T call on a GPU of `num_sms` SMs (the choice
+    measured on the H100 and H200: _preferred_config), or, where that needs more shared memory
+    per block than `shared_limit` bytes (an L40S allows 99 KB: 16 warps with a ring of 5 need
+    110 KB), the first that fits of: a shallower ring, one tile per block, half the warps."""
+    preferred = _preferred_config(n, k, num_sms, rows)
+    if shared_limit is None:
+        return preferred
+    mb = next(b for b in BATCH_BLOCKS if 8 * b >= min(rows, MAX_ROWS))
+    for config in _smaller_configs(preferred):
+        if shared_bytes(config, mb, split_group) <= shared_limit:
+            return config
+    raise RuntimeError(f"no W4A16 kernel configuration fits in {shared_limit} bytes of shared memory per block "
+                       f"(the smallest needs {shared_bytes(MmaConfig(1, RING_STAGES[0]), mb, split_group)})")
+
+
+def _smaller_configs(config: MmaConfig):
+    """config, then the ones pick_config falls back to, each needing less shared memory."""
+    threads = block_threads(config.warps)
+    shapes = TWO_TILE_SHAPES if config.tiles == 2 else BLOCK_SHAPES
+    for stages in sorted((st for th, st in shapes if th == threads and st <= config.stages), reverse=True):
+        yield MmaConfig(config.warps, stages, config.early_start, config.tiles)
+    warps = config.warps
+    while warps >= 1:
+        yield MmaConfig(warps, RING_STAGES[0], config.early_start)
+        warps //= 2
 
 
 def shared_bytes(config: MmaConfig, mb: int, split_group: bool) -> int:
@@ -1010,9 +1047,14 @@ def w4a16_mma_linear(x: torch.Tensor, w: MmaWeights, bias: torch.Tensor | None =
     for m0 in range(0, m, MAX_ROWS):
         rows = min(MAX_ROWS, m - m0)
         mb = next(b for b in BATCH_BLOCKS if 8 * b >= rows)
-        cfg = config or pick_config(w.n, k, sm_count(x.device), rows)
+        limit = max_shared_bytes(x.device.index if x.device.index is not None else torch.cuda.current_device())
+        cfg = config or pick_config(w.n, k, sm_count(x.device), rows, limit, split_group)
         if cfg.tiles == 2 and mb > 1:
             raise ValueError(f"two-tile blocks take up to 8 rows of x per launch, got {rows}")
+        if shared_bytes(cfg, mb, split_group) > limit:
+            raise ValueError(f"{cfg} needs {shared_bytes(cfg, mb, split_group)} bytes of shared memory per block for "
+                             f"{rows} rows; this GPU allows {limit}: use a shallower ring or fewer warps (pick_config "
+                             f"chooses one that fits)")
         early_start = pdl.active(x.device) if cfg.early_start is None else cfg.early_start
         xs, outs = x[m0:m0 + rows], out[m0:m0 + rows]
         _launch(entry_name(mb, cfg.stages, split_group, block_threads(cfg.warps), cfg.tiles), x.device,

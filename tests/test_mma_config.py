@@ -1,0 +1,70 @@
+"""How the tensor-core W4A16 kernel's launch configuration is chosen (w4a16_cuda.pick_config),
+checked on the CPU: every configuration picked for the engines' shapes must fit the shared
+memory one block may use on each device class this runtime serves (a block that asks for more
+fails to launch, and with it the engine's warm-up), and on SM 9.0, where the choice was
+measured, it must be that measured choice."""
+
+import pytest
+
+from edgellm.engine.kernels import w4a16_cuda
+
+# (device, SMs, shared memory per block with opt-in, bytes): CUDA's limits per compute capability.
+DEVICES = [
+    ("L40S (SM 8.9)", 142, 99 * 1024),
+    ("Jetson AGX Orin (SM 8.7)", 16, 163 * 1024),
+    ("Jetson Orin Nano (SM 8.7)", 8, 163 * 1024),
+    ("A10 (SM 8.6)", 72, 99 * 1024),
+    ("H100 / H200 (SM 9.0)", 132, 227 * 1024),
+]
+SM90_LIMIT = 227 * 1024
+
+# Linear shapes (N, K) of the published Llama-3.2-1B, Llama-3.2-3B and Llama-3.1-8B configs:
+# q|k|v, o, gate|up, down.
+SHAPES = [
+    (3072, 2048), (2048, 2048), (16384, 2048), (2048, 8192),
+    (5120, 3072), (3072, 3072), (16384, 3072), (3072, 8192),
+    (6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336),
+]
+ROWS = list(range(1, 17))
+
+
+@pytest.mark.parametrize("device,sms,limit", DEVICES, ids=[d[0] for d in DEVICES])
+@pytest.mark.parametrize("split_group", [False, True], ids=["g128", "g64"])
+def test_every_picked_configuration_fits_the_device(device, sms, limit, split_group):
+    for n, k in SHAPES:
+        for rows in ROWS:
+            config = w4a16_cuda.pick_config(n, k, sms, rows, limit, split_group)
+            mb = 1 if rows <= 8 else 2
+            need = w4a16_cuda.shared_bytes(config, mb, split_group)
+            assert need <= limit, f"{device}: {config} for N={n} K={k} rows={rows} needs {need} > {limit} bytes"
+            assert config.tiles == 1 or rows <= 8, f"two-tile blocks take up to 8 rows, picked for {rows}"
+
+
+def test_on_sm90_the_pick_is_the_measured_choice():
+    """The H100/H200 figures in docs/benchmarks.md were measured with these choices."""
+    for n, k in SHAPES:
+        for rows in ROWS:
+            for split_group in (False, True):
+                assert (w4a16_cuda.pick_config(n, k, 132, rows, SM90_LIMIT, split_group)
+                        == w4a16_cuda.pick_config(n, k, 132, rows)), (n, k, rows, split_group)
+
+
+def test_an_l40s_gets_a_shallower_ring_where_the_measured_one_does_not_fit():
+    """8B o at one row: 16 warps with a ring of 5 (110 KB) on SM 9.0; the L40S allows 99 KB."""
+    preferred = w4a16_cuda.pick_config(4096, 4096, 142, 1)
+    assert preferred == w4a16_cuda.MmaConfig(16, 5)
+    assert w4a16_cuda.shared_bytes(preferred, 1, False) > 99 * 1024
+    assert w4a16_cuda.pick_config(4096, 4096, 142, 1, 99 * 1024) == w4a16_cuda.MmaConfig(16, 4)
+
+
+def test_a_device_with_too_little_shared_memory_gets_a_clear_error():
+    with pytest.raises(RuntimeError, match="no W4A16 kernel configuration fits in 4096 bytes"):
+        w4a16_cuda.pick_config(4096, 4096, 132, 1, 4096)
+
+
+def test_two_tile_blocks_can_be_turned_off(monkeypatch):
+    assert w4a16_cuda.pick_config(16384, 2048, 132, 1).tiles == 2  # 1B gate|up
+    monkeypatch.setenv("EDGELLM_MMA_TWO_TILES", "0")
+    for n, k in SHAPES:
+        for rows in ROWS:
+            assert w4a16_cuda.pick_config(n, k, 132, rows).tiles == 1
