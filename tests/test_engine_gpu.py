@@ -105,3 +105,15 @@ def test_decode_with_norms_folded_into_the_projections_matches_the_norm_kernels(
         k_err = ((folded.model.layers[-1].attention.kv_cache.k[:3].float() - k_want).norm() / k_want.norm()).item()
         print(f"decode step {step}, norms folded vs norm kernels: logits rel err {err:.2e}, last layer's K {k_err:.2e}")
         assert err < 1e-2 and k_err < 1e-2
+
+
+def test_the_engine_says_which_kernel_runs_its_int4_projections(demo_engine):
+    """Operators read it in `edgellm info` (and a warning in the log when it is a fallback)."""
+    from edgellm.engine.kernels import w4a16_cuda
+
+    engine = Engine.load(demo_engine, device="cuda")
+    if not w4a16_cuda.available()[0]:
+        pytest.skip(w4a16_cuda.available()[1])
+    print(f"INT4 projections: {engine.int4_kernel}")
+    assert engine.int4_kernel == "tensor-core (NVRTC)"
+    assert engine.int4_fallback is None

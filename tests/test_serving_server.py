@@ -22,6 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from edgellm.engine.generate import generate
 from edgellm.engine.runner import Engine
 from edgellm.engine.sampling import SamplingParams
+from edgellm.serving.cli import format_info
 from edgellm.serving.client import Client, GenerationError
 from edgellm.serving.config import ServeConfig
 from edgellm.serving.server import Daemon
@@ -329,6 +330,8 @@ def test_get_info(served):
     assert info["engine"]["max_seq_len"] == 512 and info["engine"]["quantization"] == "int4-awq"
     assert info["device"]["device"] == "cpu" and info["device"]["sm"] == "cpu"
     assert info["slots_total"] == 4 and info["queue_capacity"] == 8 and info["process_rss_bytes"] > 0
+    assert info["engine"]["int4_kernel"] == "dequantized fp32 (CPU)"
+    assert "int4 kernel:    dequantized fp32 (CPU)" in format_info(info).splitlines()
 
 
 def test_no_engine_yet_is_unavailable_until_one_is_installed(demo_engine, tmp_path):

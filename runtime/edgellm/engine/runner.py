@@ -8,6 +8,7 @@ which slot and where each sequence stands (its position).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from pathlib import Path
 from typing import Callable, Sequence
@@ -108,6 +109,43 @@ class Engine:
     @property
     def engine_id(self) -> str:
         return self.manifest.engine_id
+
+    def _int4_layers(self) -> list[Int4Linear]:
+        return [m for m in self.model.modules() if isinstance(m, Int4Linear)]
+
+    @functools.cached_property
+    def int4_kernel(self) -> str:
+        """What runs the INT4 projections on this device, for operators: the tensor-core kernel
+        (NVRTC), Triton's, or weights dequantized at load; "" for an fp16 engine."""
+        names = {"mma": "tensor-core (NVRTC)", "triton": "Triton",
+                 "dense": "dequantized fp32 (CPU)" if self.device.type == "cpu" else "dequantized fp16"}
+        counts: dict[str, int] = {}
+        for layer in self._int4_layers():
+            counts[layer.path] = counts.get(layer.path, 0) + 1
+        if len(counts) == 1:
+            return names[next(iter(counts))]
+        return ", ".join(f"{names[path]} for {n}" for path, n in sorted(counts.items()))
+
+    @functools.cached_property
+    def int4_fallback(self) -> str | None:
+        """On a CUDA GPU, why some INT4 projections do not run the tensor-core kernel and what to
+        do about it (their decode is slower; dequantized ones also hold fp16's 4x memory); None
+        where they all do, or off the GPU."""
+        slow = [layer for layer in self._int4_layers() if layer.path != "mma"]
+        if self.device.type != "cuda" or not slow:
+            return None
+        from edgellm.engine.kernels import w4a16_cuda
+
+        ok, why = w4a16_cuda.available()
+        if not ok:
+            reason = (f"the tensor-core kernel cannot run here ({why}); install NVRTC for this CUDA version "
+                      "(libnvrtc: the CUDA toolkit's cuda-nvrtc package, or pip's nvidia-cuda-nvrtc-cu12) and restart")
+        else:
+            reason = (f"group size {slow[0].group_size}: the tensor-core kernel takes power-of-two groups of at least 64 "
+                      "that divide the in-features; rebuild the engine with --group-size 128")
+        paths = sorted({layer.path for layer in slow})
+        how = " and ".join("Triton's kernel" if path == "triton" else "fp16 weights dequantized at load" for path in paths)
+        return f"{len(slow)} of {len(self._int4_layers())} INT4 projections run {how}, not the tensor-core kernel: {reason}"
 
     @classmethod
     def load(

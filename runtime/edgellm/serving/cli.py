@@ -173,6 +173,8 @@ def format_info(info: dict) -> str:
             f"targets {', '.join(engine['target_sms'])}",
             f"engine dir:     {engine['engine_dir']} (loaded in {engine['load_seconds']:.1f} s)",
         ]
+        if engine.get("int4_kernel"):
+            lines.append(f"int4 kernel:    {engine['int4_kernel']}")
     else:
         lines.append("engine:         none installed")
     for old in info.get("retiring_engines", []):

@@ -186,6 +186,8 @@ class Daemon:
         self._gpu_reader(engine)
         log.info("serving engine %s (version %d) on %s, %d slots, max seq len %d, loaded in %.1f s",
                  engine.engine_id, version, engine.device, engine.max_batch, engine.max_seq_len, engine.load_seconds)
+        if engine.int4_fallback:
+            log.warning("engine %s: %s", engine.engine_id, engine.int4_fallback)
 
     def device_info(self):
         engine = self.scheduler.engine

@@ -110,7 +110,7 @@ def engine_info(slots: EngineSlots):
         kv_dtype=m.kv_dtype, max_batch=e.max_batch, max_seq_len=e.max_seq_len, target_sms=m.target_sms,
         min_runtime_version=m.min_runtime_version, engine_dir=str(e.engine_dir), load_seconds=e.load_seconds,
         vocab_size=cfg.get("vocab_size", 0), num_layers=cfg.get("num_hidden_layers", 0),
-        hidden_size=cfg.get("hidden_size", 0),
+        hidden_size=cfg.get("hidden_size", 0), int4_kernel=e.int4_kernel,
     )
 
 
