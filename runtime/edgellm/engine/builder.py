@@ -1,9 +1,9 @@
 """The builder: Hugging Face checkpoint -> engine directory (manifest + safetensors + tokenizer).
 
 Steps: read config and tokenizer -> load and fuse weights -> (INT4) calibrate with AWQ and
-quantize -> write everything into a staging directory -> hash every file into the
-manifest -> rename the staging directory into place, so a half-written engine never
-appears under the requested name.
+quantize -> write everything into a staging directory (INT4: with the GPU kernels compiled for
+each target SM, where this host has NVRTC) -> hash every file into the manifest -> rename the
+staging directory into place, so a half-written engine never appears under the requested name.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from edgellm.engine import quant as q
 from edgellm.engine.checkpoint import load_hf_weights
 from edgellm.engine.config import ModelConfig
 from edgellm.engine.linear import dense_linear
-from edgellm.engine.manifest import Manifest, describe_files, normalize_sm, write_manifest
+from edgellm.engine.manifest import CPU_TARGET, Manifest, describe_files, normalize_sm, write_manifest
 from edgellm.engine.model import Transformer
 from edgellm.engine.weights import WEIGHTS_NAME
 from edgellm.errors import ConfigError
@@ -137,6 +137,7 @@ def build_engine(hf_dir: Path, out_dir: Path, options: BuildOptions, progress: C
         save_file(tensors, str(staging / WEIGHTS_NAME), metadata={"format": "edgellm"})
         for name in tokenizer.files:
             shutil.copy2(hf_dir / name, staging / name)
+        kernel_files = write_engine_kernels(staging, options.target_sms, progress) if options.quant != "fp16" else []
         manifest = Manifest(
             engine_id=options.engine_id or _default_engine_id(hf_dir, options),
             model={"architecture": config.architecture, "config": config.to_dict(), "source": hf_dir.name},
@@ -147,7 +148,7 @@ def build_engine(hf_dir: Path, out_dir: Path, options: BuildOptions, progress: C
             target_sms=options.target_sms,
             builder={"name": "edgellm", "version": __version__},
             min_runtime_version=MIN_RUNTIME_VERSION,
-            files=describe_files(staging, [WEIGHTS_NAME, *tokenizer.files]),
+            files=describe_files(staging, [WEIGHTS_NAME, *tokenizer.files, *kernel_files]),
             tokenizer={
                 "files": list(tokenizer.files),
                 "bos_id": tokenizer.bos_id,
@@ -165,6 +166,36 @@ def build_engine(hf_dir: Path, out_dir: Path, options: BuildOptions, progress: C
         raise
     progress(f"engine {manifest.engine_id} written to {out_dir} (targets: {', '.join(manifest.target_sms)})")
     return manifest
+
+
+def write_engine_kernels(engine_dir: Path, target_sms: list[str], progress: Callable[[str], None] = print) -> list[str]:
+    """The INT4 tensor-core kernels compiled for each CUDA target SM (8.0 and newer) into
+    engine_dir/kernels, with NVRTC on this host (no GPU needed): a device then loads them instead
+    of compiling them at its first start. Their paths relative to engine_dir, for the manifest
+    (which hashes them like every file: the engine's signature covers them). Without NVRTC here
+    the engine is still complete: each device compiles the kernels once and caches them."""
+    from edgellm.engine.kernels import w4a16_cuda
+
+    sms = [sm for sm in target_sms if sm != CPU_TARGET]
+    if not sms:
+        return []
+    usable, why = w4a16_cuda.nvrtc_usable()
+    if not usable:
+        progress(f"compiled GPU kernels not included ({why}); each device compiles them at its first start, then caches them")
+        return []
+    files = []
+    for sm in sms:
+        major, minor = (int(part) for part in sm.split("."))
+        if major < 8:
+            progress(f"no tensor-core INT4 kernels for SM {sm} (they need SM 8.0 or newer)")
+            continue
+        progress(f"compiling the INT4 GPU kernels for SM {sm} with NVRTC (shipped in the engine)")
+        number = 10 * major + minor
+        rel = f"{w4a16_cuda.ENGINE_KERNELS_DIR}/{w4a16_cuda.cubin_name(number)}"
+        (engine_dir / rel).parent.mkdir(exist_ok=True)
+        (engine_dir / rel).write_bytes(w4a16_cuda.compile_cubin(number))
+        files.append(rel)
+    return files
 
 
 def _default_engine_id(hf_dir: Path, options: BuildOptions) -> str:

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from edgellm import __version__
-from edgellm.engine.builder import MIN_RUNTIME_VERSION
+from edgellm.engine.builder import MIN_RUNTIME_VERSION, write_engine_kernels
 from edgellm.engine.config import ModelConfig
 from edgellm.engine.manifest import Manifest, describe_files, write_manifest
 from edgellm.engine.quant import WEIGHT_LAYOUT
@@ -86,6 +86,7 @@ def write_random_engine(out_dir: Path, shape: str, tokenizer_dir: Path, max_batc
     tokenizer = Tokenizer.from_dir(tokenizer_dir)
     for name in tokenizer.files:
         shutil.copy2(tokenizer_dir / name, out_dir / name)
+    kernel_files = write_engine_kernels(out_dir, target_sms, progress=lambda _msg: None)
     manifest = Manifest(
         engine_id=f"{shape}-random-int4-g{group_size}",
         model={"architecture": config.architecture, "config": config.to_dict(), "source": "random weights (benchmark)"},
@@ -93,7 +94,7 @@ def write_random_engine(out_dir: Path, shape: str, tokenizer_dir: Path, max_batc
                       "zero_point": True, "lm_head": "fp16", "embeddings": "fp16"},
         kv_dtype="fp16", max_batch=max_batch, max_seq_len=max_seq_len, target_sms=target_sms,
         builder={"name": "edgellm", "version": __version__}, min_runtime_version=MIN_RUNTIME_VERSION,
-        files=describe_files(out_dir, [WEIGHTS_NAME, *tokenizer.files]),
+        files=describe_files(out_dir, [WEIGHTS_NAME, *tokenizer.files, *kernel_files]),
         tokenizer={"files": list(tokenizer.files), "bos_id": tokenizer.bos_id, "eos_ids": [2], "chat_template": False},
         created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     )

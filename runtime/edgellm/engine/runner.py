@@ -175,6 +175,10 @@ class Engine:
             say(f"verifying {len(others)} other engine files")
             verify_files(engine_dir, manifest, others)
         lap("verify_other_files")
+        if dev.type == "cuda" and manifest.quantization["scheme"] != "fp16":
+            from edgellm.engine.kernels import w4a16_cuda
+
+            w4a16_cuda.use_engine_kernels(engine_dir, manifest.files)  # compiled at build time, if shipped
         config = ModelConfig.from_dict(manifest.model["config"])
         quant = manifest.quantization
         scheme = quant["scheme"]

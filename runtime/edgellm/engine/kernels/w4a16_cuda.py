@@ -567,11 +567,17 @@ def available() -> tuple[bool, str]:
         return False, "no CUDA GPU"
     if torch.cuda.get_device_capability() < (8, 0):
         return False, "the W4A16 tensor-core kernel needs SM 8.0 or newer"
+    return nvrtc_usable()
+
+
+@functools.cache
+def nvrtc_usable() -> tuple[bool, str]:
+    """(True, "") when cuda-python can reach NVRTC on this host (no GPU needed), else (False, why)."""
     try:
         _, nvrtc = _bindings()
         _ok(nvrtc.nvrtcVersion(), "nvrtcVersion")
     except Exception as e:  # noqa: BLE001 - any failure to reach NVRTC means: not here
-        return False, f"NVRTC is not usable: {type(e).__name__}: {e}"
+        return False, f"NVRTC is not usable: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
     return True, ""
 
 
@@ -628,17 +634,56 @@ def min_blocks_per_sm(mb: int, stages: int, threads: int = 256, tiles: int = 1) 
     return 4 if mb == 1 else 1
 
 
-def compile_cubin(sm: int) -> bytes:
-    """The kernels as a cubin for SM `sm` (e.g. 90), compiled once and cached on disk.
-    Needs NVRTC, not a GPU."""
+ENGINE_KERNELS_DIR = "kernels"  # where an engine ships its compiled kernels (builder.write_engine_kernels)
+_shipped: dict[str, bytes] = {}  # cubin name -> bytes, from the engines loaded in this process
+
+
+def _source() -> str:
     entries = "".join(f"MMA_ENTRY({entry_name(mb, stages, split, threads, tiles)}, {mb}, {stages}, {str(split).lower()}, "
                       f"{tiles}, {threads}, {min_blocks_per_sm(mb, stages, threads, tiles)})\n"
                       for mb, stages, split, threads, tiles in ENTRIES)
-    source = SOURCE + entries
-    key = hashlib.sha256(source.encode() + f"sm_{sm}".encode()).hexdigest()[:16]
-    path = cache_dir() / f"w4a16-mma-sm{sm}-{key}.cubin"
+    return SOURCE + entries
+
+
+def cubin_name(sm: int) -> str:
+    """The file name of the kernels compiled for SM `sm` (e.g. 90) from this runtime's source: a
+    cubin built from other source (another runtime version) has another name and is not used."""
+    key = hashlib.sha256(_source().encode() + f"sm_{sm}".encode()).hexdigest()[:16]
+    return f"w4a16-mma-sm{sm}-{key}.cubin"
+
+
+def use_engine_kernels(engine_dir: Path, files) -> list[str]:
+    """Make the compiled kernels an engine ships (`kernels/w4a16-mma-sm*.cubin` among its manifest's
+    `files`, checked with the other files when the engine is verified) available to compile_cubin,
+    so that a device loads them instead of compiling them at its first start. Their names."""
+    names = []
+    for rel in files:
+        folder, _, name = rel.rpartition("/")
+        if folder == ENGINE_KERNELS_DIR and name.startswith("w4a16-mma-sm") and name.endswith(".cubin"):
+            _shipped[name] = (Path(engine_dir) / rel).read_bytes()
+            names.append(name)
+    return names
+
+
+def compile_cubin(sm: int) -> bytes:
+    """The kernels as a cubin for SM `sm` (e.g. 90): from the disk cache, else from an engine that
+    ships them (use_engine_kernels), else compiled with NVRTC (no GPU needed); then cached on disk."""
+    source, name = _source(), cubin_name(sm)
+    path = cache_dir() / name
     if path.is_file():
         return path.read_bytes()
+    cubin = _shipped.get(name) or _nvrtc_compile(source, sm)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_bytes(cubin)
+        os.replace(tmp, path)
+    except OSError:
+        pass  # an unwritable cache costs the next start a compile, nothing else
+    return cubin
+
+
+def _nvrtc_compile(source: str, sm: int) -> bytes:
     _, nvrtc = _bindings()
     prog = _ok(nvrtc.nvrtcCreateProgram(source.encode(), b"w4a16_mma.cu", 0, [], []), "nvrtcCreateProgram")
     options = [f"--gpu-architecture=sm_{sm}".encode(), b"--std=c++17"]
@@ -652,10 +697,6 @@ def compile_cubin(sm: int) -> bytes:
     cubin = b" " * size
     (err,) = nvrtc.nvrtcGetCUBIN(prog, cubin)
     _ok((err, None), "nvrtcGetCUBIN")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_bytes(cubin)
-    os.replace(tmp, path)
     return cubin
 
 

@@ -1,0 +1,71 @@
+"""An INT4 engine ships its GPU kernels compiled for each target SM (where the build host has
+NVRTC: no GPU needed), hashed in its manifest like every file, and the runtime takes them
+instead of compiling them at a device's first start."""
+
+import pytest
+
+from conftest import copy_tokenizer
+from edgellm.engine.builder import BuildOptions, build_engine
+from edgellm.engine.kernels import w4a16_cuda
+from edgellm.engine.manifest import verify_files
+from hf_models import make_checkpoint
+
+NVRTC, WHY_NOT = w4a16_cuda.nvrtc_usable()
+
+
+def _build(tmp_path, tokenizer_dir, targets: list[str], messages: list[str]):
+    hf = tmp_path / "hf"
+    make_checkpoint("llama-gqa", hf)
+    copy_tokenizer(tokenizer_dir, hf)
+    out = tmp_path / "engine"
+    manifest = build_engine(hf, out, BuildOptions(quant="int4-rtn", target_sms=targets, max_seq_len=128),
+                            progress=messages.append)
+    return out, manifest
+
+
+@pytest.mark.skipif(not NVRTC, reason=f"needs NVRTC on this host ({WHY_NOT})")
+def test_an_int4_engine_ships_its_kernels_for_each_gpu_target(tmp_path, tokenizer_dir, monkeypatch):
+    monkeypatch.setenv("EDGELLM_KERNEL_CACHE", str(tmp_path / "cache"))
+    messages: list[str] = []
+    out, manifest = _build(tmp_path, tokenizer_dir, ["cpu", "8.9"], messages)
+    rel = f"{w4a16_cuda.ENGINE_KERNELS_DIR}/{w4a16_cuda.cubin_name(89)}"
+    assert [name for name in manifest.files if name.startswith("kernels/")] == [rel]
+    assert (out / rel).read_bytes()[:4] == b"\x7fELF"  # a cubin
+    verify_files(out, manifest)  # hashed like the weights: the engine's signature covers it
+    assert any("compiling the INT4 GPU kernels for SM 8.9" in m for m in messages)
+
+
+@pytest.mark.skipif(NVRTC, reason="this host has NVRTC: the engine ships the kernels (the test above)")
+def test_without_nvrtc_the_builder_says_the_devices_will_compile_them(tmp_path, tokenizer_dir):
+    messages: list[str] = []
+    out, manifest = _build(tmp_path, tokenizer_dir, ["8.9"], messages)
+    assert not any(name.startswith("kernels/") for name in manifest.files) and not (out / "kernels").exists()
+    assert any("compiled GPU kernels not included" in m and "first start" in m for m in messages), messages
+
+
+def test_the_runtime_takes_the_kernels_an_engine_ships(tmp_path, monkeypatch):
+    """compile_cubin looks in the disk cache, then in the loaded engines' kernels, and compiles
+    only where neither has them; what an engine shipped goes into the cache for later starts."""
+    monkeypatch.setenv("EDGELLM_KERNEL_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(w4a16_cuda, "_shipped", {})
+    engine = tmp_path / "engine"
+    (engine / "kernels").mkdir(parents=True)
+    name = w4a16_cuda.cubin_name(89)
+    (engine / "kernels" / name).write_bytes(b"compiled at build time")
+    (engine / "kernels" / "notes.txt").write_bytes(b"not a kernel")
+    files = [f"kernels/{name}", "kernels/notes.txt", "tokenizer.model", "model.safetensors"]
+    assert w4a16_cuda.use_engine_kernels(engine, files) == [name]
+    assert w4a16_cuda.compile_cubin(89) == b"compiled at build time"
+    assert (tmp_path / "cache" / name).read_bytes() == b"compiled at build time"
+
+
+def test_kernels_from_other_source_have_another_name():
+    """A runtime whose kernel source differs (another version) never takes an older cubin."""
+    names = {w4a16_cuda.cubin_name(sm) for sm in (80, 87, 89, 90)}
+    assert len(names) == 4 and all(n.startswith("w4a16-mma-sm") and n.endswith(".cubin") for n in names)
+    source = w4a16_cuda.SOURCE
+    try:
+        w4a16_cuda.SOURCE = source + "\n// another version\n"
+        assert w4a16_cuda.cubin_name(89) not in names
+    finally:
+        w4a16_cuda.SOURCE = source
