@@ -140,6 +140,10 @@ class Engine:
         if not ok:
             reason = (f"the tensor-core kernel cannot run here ({why}); install NVRTC for this CUDA version "
                       "(libnvrtc: the CUDA toolkit's cuda-nvrtc package, or pip's nvidia-cuda-nvrtc-cu12) and restart")
+        elif any(layer.in_features % 128 for layer in slow):
+            k = next(layer.in_features for layer in slow if layer.in_features % 128)
+            reason = (f"in-features of {k}, not a multiple of 128 as the tensor-core kernel needs (a property of the "
+                      "model's shape)")
         else:
             reason = (f"group size {slow[0].group_size}: the tensor-core kernel takes power-of-two groups of at least 64 "
                       "that divide the in-features; rebuild the engine with --group-size 128")
