@@ -686,18 +686,21 @@ def compile_cubin(sm: int) -> bytes:
 def _nvrtc_compile(source: str, sm: int) -> bytes:
     _, nvrtc = _bindings()
     prog = _ok(nvrtc.nvrtcCreateProgram(source.encode(), b"w4a16_mma.cu", 0, [], []), "nvrtcCreateProgram")
-    options = [f"--gpu-architecture=sm_{sm}".encode(), b"--std=c++17"]
-    (err,) = nvrtc.nvrtcCompileProgram(prog, len(options), options)
-    if int(err) != 0:
-        size = _ok(nvrtc.nvrtcGetProgramLogSize(prog), "nvrtcGetProgramLogSize")
-        log = b" " * size
-        nvrtc.nvrtcGetProgramLog(prog, log)
-        raise RuntimeError(f"NVRTC could not compile the W4A16 kernels for sm_{sm}:\n{log.decode(errors='replace')}")
-    size = _ok(nvrtc.nvrtcGetCUBINSize(prog), "nvrtcGetCUBINSize")
-    cubin = b" " * size
-    (err,) = nvrtc.nvrtcGetCUBIN(prog, cubin)
-    _ok((err, None), "nvrtcGetCUBIN")
-    return cubin
+    try:
+        options = [f"--gpu-architecture=sm_{sm}".encode(), b"--std=c++17"]
+        (err,) = nvrtc.nvrtcCompileProgram(prog, len(options), options)
+        if int(err) != 0:
+            size = _ok(nvrtc.nvrtcGetProgramLogSize(prog), "nvrtcGetProgramLogSize")
+            log = b" " * size
+            nvrtc.nvrtcGetProgramLog(prog, log)
+            raise RuntimeError(f"NVRTC could not compile the W4A16 kernels for sm_{sm}:\n{log.decode(errors='replace')}")
+        size = _ok(nvrtc.nvrtcGetCUBINSize(prog), "nvrtcGetCUBINSize")
+        cubin = b" " * size
+        (err,) = nvrtc.nvrtcGetCUBIN(prog, cubin)
+        _ok((err, None), "nvrtcGetCUBIN")
+        return cubin
+    finally:
+        nvrtc.nvrtcDestroyProgram(prog)
 
 
 @functools.cache
