@@ -140,10 +140,12 @@ def test_healthy_store_on_this_machine(device):
         assert "no CUDA GPU visible" in checks["gpu"]["detail"] or "cuda-python" in checks["gpu"]["detail"]
         assert checks["gpu"]["fix"]
         assert checks["driver"]["status"] == "skip" and checks["gpu-memory"]["status"] == "skip"
+        assert checks["gpu-kernels"]["status"] == "skip"
         assert rc == 1 and report["ok"] is False
     else:
         assert checks["gpu"]["status"] == "ok" and f"SM {THIS_DEVICE.sm}" in checks["gpu"]["detail"]
         assert checks["gpu-memory"]["status"] in ("ok", "warn")
+        assert checks["gpu-kernels"]["status"] in ("ok", "warn") and "NVRTC" in checks["gpu-kernels"]["detail"]
 
 
 def test_text_output_is_one_line_per_check_with_fixes(device):

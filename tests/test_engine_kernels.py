@@ -6,11 +6,11 @@ import pytest
 
 from conftest import copy_tokenizer
 from edgellm.engine.builder import BuildOptions, build_engine
-from edgellm.engine.kernels import w4a16_cuda
+from edgellm.engine.kernels import nvrtc_usable, w4a16_cuda
 from edgellm.engine.manifest import verify_files
 from hf_models import make_checkpoint
 
-NVRTC, WHY_NOT = w4a16_cuda.nvrtc_usable()
+NVRTC, WHY_NOT = nvrtc_usable()
 
 
 def _build(tmp_path, tokenizer_dir, targets: list[str], messages: list[str]):

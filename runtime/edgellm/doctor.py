@@ -129,6 +129,7 @@ class Doctor:
             self.check_trust,
             self.check_engine_files,
             self.check_engine_fit,
+            self.check_gpu_kernels,
             self.check_gpu_memory,
             self.check_service_user,
             self.check_gpu_access,
@@ -366,6 +367,31 @@ class Doctor:
         where = f"SM {ident.sm}" if ident is not None else "this device"
         return Check("engine-fit", OK, f"engine {manifest.engine_id} targets {where}, runtime {__version__} >= "
                      f"{manifest.min_runtime_version}")
+
+    def check_gpu_kernels(self) -> Check:
+        """Whether INT4 engines can run the tensor-core kernel here (NVRTC), and whether the current
+        engine ships it compiled for this SM or the daemon compiles it at its first start."""
+        ident = self.identity()
+        if ident is None or ident.is_cpu:
+            return Check("gpu-kernels", SKIP, "no GPU (see gpu)")
+        from edgellm.engine.kernels import nvrtc_usable
+
+        usable, detail = nvrtc_usable()
+        if not usable:
+            return Check("gpu-kernels", WARN, f"{detail}: INT4 engines run Triton's slower kernel instead of the "
+                         "tensor-core one, or dequantized fp16 weights (4x the memory) without Triton",
+                         "install NVRTC for this CUDA version (the CUDA toolkit's cuda-nvrtc package, or "
+                         "pip install nvidia-cuda-nvrtc-cu12 into the system Python), then restart edgellm")
+        manifest = self._current.manifest if self._current is not None else None
+        if manifest is None or manifest.quantization.get("scheme") == "fp16":
+            return Check("gpu-kernels", OK, f"{detail}: INT4 engines run the tensor-core kernel")
+        major, _, minor = ident.sm.partition(".")
+        prefix = f"kernels/w4a16-mma-sm{major}{minor}-"
+        if any(rel.startswith(prefix) for rel in manifest.files):
+            return Check("gpu-kernels", OK, f"{detail}; engine {manifest.engine_id} ships its kernels compiled for "
+                         f"SM {ident.sm}")
+        return Check("gpu-kernels", OK, f"{detail}; engine {manifest.engine_id} ships no kernels for SM {ident.sm}: "
+                     "the daemon compiles them at its first start (seconds, minutes on an Orin) and caches them")
 
     def check_gpu_memory(self) -> Check:
         ident = self.identity()

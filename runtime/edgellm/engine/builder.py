@@ -174,12 +174,12 @@ def write_engine_kernels(engine_dir: Path, target_sms: list[str], progress: Call
     of compiling them at its first start. Their paths relative to engine_dir, for the manifest
     (which hashes them like every file: the engine's signature covers them). Without NVRTC here
     the engine is still complete: each device compiles the kernels once and caches them."""
-    from edgellm.engine.kernels import w4a16_cuda
+    from edgellm.engine.kernels import nvrtc_usable, w4a16_cuda
 
     sms = [sm for sm in target_sms if sm != CPU_TARGET]
     if not sms:
         return []
-    usable, why = w4a16_cuda.nvrtc_usable()
+    usable, why = nvrtc_usable()
     if not usable:
         progress(f"compiled GPU kernels not included ({why}); each device compiles them at its first start, then caches them")
         return []

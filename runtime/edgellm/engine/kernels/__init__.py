@@ -10,6 +10,31 @@ import functools
 import threading
 
 
+def cuda_bindings():
+    """cuda-python's (driver, nvrtc) modules, in either package layout. Torch-free (the doctor uses it)."""
+    try:
+        from cuda.bindings import driver, nvrtc
+    except ImportError:
+        from cuda import cuda as driver, nvrtc  # cuda-python < 12.6
+    return driver, nvrtc
+
+
+@functools.cache
+def nvrtc_usable() -> tuple[bool, str]:
+    """(True, "NVRTC X.Y") when cuda-python can reach NVRTC on this host (no GPU needed), else
+    (False, why). The tensor-core W4A16 kernels are compiled with it (at build time or at a
+    device's first start)."""
+    try:
+        _, nvrtc = cuda_bindings()
+        err, major, minor = nvrtc.nvrtcVersion()
+        if int(err) != 0:
+            raise RuntimeError(f"nvrtcVersion failed: {err}")
+    except Exception as e:  # noqa: BLE001 - any failure to reach NVRTC means: not here
+        first_line = str(e).splitlines()[0] if str(e) else ""
+        return False, f"NVRTC is not usable: {type(e).__name__}: {first_line}"
+    return True, f"NVRTC {major}.{minor}"
+
+
 @functools.cache
 def available() -> bool:
     """True when Triton imports and a CUDA GPU is visible."""

@@ -54,7 +54,7 @@ from pathlib import Path
 
 import torch
 
-from edgellm.engine.kernels import pdl, sm_count
+from edgellm.engine.kernels import cuda_bindings, nvrtc_usable, pdl, sm_count
 
 SOURCE = r"""
 typedef unsigned int u32;
@@ -552,12 +552,6 @@ MAX_ROWS = 8 * BATCH_BLOCKS[-1]
 SLICED_ROWS = 2 * MAX_ROWS  # up to this many rows run as slices; beyond, dequantize + cuBLAS
 
 
-def _bindings():
-    try:
-        from cuda.bindings import driver, nvrtc
-    except ImportError:
-        from cuda import cuda as driver, nvrtc  # cuda-python < 12.6
-    return driver, nvrtc
 
 
 @functools.cache
@@ -567,18 +561,8 @@ def available() -> tuple[bool, str]:
         return False, "no CUDA GPU"
     if torch.cuda.get_device_capability() < (8, 0):
         return False, "the W4A16 tensor-core kernel needs SM 8.0 or newer"
-    return nvrtc_usable()
-
-
-@functools.cache
-def nvrtc_usable() -> tuple[bool, str]:
-    """(True, "") when cuda-python can reach NVRTC on this host (no GPU needed), else (False, why)."""
-    try:
-        _, nvrtc = _bindings()
-        _ok(nvrtc.nvrtcVersion(), "nvrtcVersion")
-    except Exception as e:  # noqa: BLE001 - any failure to reach NVRTC means: not here
-        return False, f"NVRTC is not usable: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-    return True, ""
+    usable, why = nvrtc_usable()
+    return usable, "" if usable else why
 
 
 def supports(k: int, group_size: int) -> bool:
@@ -684,7 +668,7 @@ def compile_cubin(sm: int) -> bytes:
 
 
 def _nvrtc_compile(source: str, sm: int) -> bytes:
-    _, nvrtc = _bindings()
+    _, nvrtc = cuda_bindings()
     prog = _ok(nvrtc.nvrtcCreateProgram(source.encode(), b"w4a16_mma.cu", 0, [], []), "nvrtcCreateProgram")
     try:
         options = [f"--gpu-architecture=sm_{sm}".encode(), b"--std=c++17"]
@@ -705,7 +689,7 @@ def _nvrtc_compile(source: str, sm: int) -> bytes:
 
 @functools.cache
 def _functions(device_index: int) -> dict[str, object]:
-    driver, _ = _bindings()
+    driver, _ = cuda_bindings()
     major, minor = torch.cuda.get_device_capability(device_index)
     # torch runs on the device's primary context; make it current here if this thread has none yet.
     if not int(_ok(driver.cuCtxGetCurrent(), "cuCtxGetCurrent")):
@@ -728,7 +712,7 @@ def _functions(device_index: int) -> dict[str, object]:
 def max_shared_bytes(device_index: int) -> int:
     """Shared memory one block may use on this GPU, asked for (bytes): 227 KB on SM 9.0, 163 KB
     on SM 8.0 and 8.7 (Jetson Orin), 99 KB on SM 8.6 and 8.9 (L40S)."""
-    driver, _ = _bindings()
+    driver, _ = cuda_bindings()
     return int(_ok(driver.cuDeviceGetAttribute(
         driver.CUdevice_attribute.CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN, device_index), "cuDeviceGetAttribute"))
 
@@ -737,7 +721,7 @@ def _launch(name: str, device: torch.device, grid: int, threads: int, shared: in
             early_start: bool = False) -> None:
     """early_start: launch with programmatic stream serialization (the kernel waits for the
     previous one itself, after its independent prologue); SM 9.0+, see kernels/pdl.py."""
-    driver, _ = _bindings()
+    driver, _ = cuda_bindings()
     func = _functions(device.index if device.index is not None else torch.cuda.current_device())[name]
     config = _launch_config(grid, threads, shared, torch.cuda.current_stream(device).cuda_stream, early_start)
     (err,) = driver.cuLaunchKernelEx(config, func, (args, types), 0)
@@ -747,7 +731,7 @@ def _launch(name: str, device: torch.device, grid: int, threads: int, shared: in
 @functools.lru_cache(maxsize=1024)
 def _launch_config(grid: int, threads: int, shared: int, stream: int, early_start: bool):
     """One launch configuration per shape and stream, built once (an engine has a few dozen)."""
-    driver, _ = _bindings()
+    driver, _ = cuda_bindings()
     config = driver.CUlaunchConfig()
     config.gridDimX, config.gridDimY, config.gridDimZ = grid, 1, 1
     config.blockDimX, config.blockDimY, config.blockDimZ = threads, 1, 1
