@@ -69,3 +69,13 @@ def test_kernels_from_other_source_have_another_name():
         assert w4a16_cuda.cubin_name(89) not in names
     finally:
         w4a16_cuda.SOURCE = source
+
+
+@pytest.mark.skipif(not NVRTC, reason=f"needs NVRTC on this host ({WHY_NOT})")
+def test_an_sm_this_hosts_nvrtc_cannot_compile_for_is_left_to_the_devices(tmp_path, tokenizer_dir, monkeypatch):
+    monkeypatch.setenv("EDGELLM_KERNEL_CACHE", str(tmp_path / "cache"))
+    messages: list[str] = []
+    out, manifest = _build(tmp_path, tokenizer_dir, ["8.9", "9.9"], messages)
+    assert [name for name in manifest.files if name.startswith("kernels/")] == [
+        f"kernels/{w4a16_cuda.cubin_name(89)}"]
+    assert any("could not compile the INT4 GPU kernels for SM 9.9" in m for m in messages), messages

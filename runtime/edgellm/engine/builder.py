@@ -191,9 +191,15 @@ def write_engine_kernels(engine_dir: Path, target_sms: list[str], progress: Call
             continue
         progress(f"compiling the INT4 GPU kernels for SM {sm} with NVRTC (shipped in the engine)")
         number = 10 * major + minor
+        try:
+            cubin = w4a16_cuda.compile_cubin(number)
+        except RuntimeError as e:  # e.g. this host's NVRTC predates the SM: a device's own may not
+            progress(f"could not compile the INT4 GPU kernels for SM {sm} here ({str(e).splitlines()[0]}); "
+                     "devices of that SM compile them at their first start")
+            continue
         rel = f"{w4a16_cuda.ENGINE_KERNELS_DIR}/{w4a16_cuda.cubin_name(number)}"
         (engine_dir / rel).parent.mkdir(exist_ok=True)
-        (engine_dir / rel).write_bytes(w4a16_cuda.compile_cubin(number))
+        (engine_dir / rel).write_bytes(cubin)
         files.append(rel)
     return files
 
