@@ -11,6 +11,13 @@ from edgellm.engine.manifest import verify_files
 from hf_models import make_checkpoint
 
 NVRTC, WHY_NOT = nvrtc_usable()
+needs_nvrtc = pytest.mark.skipif(not NVRTC, reason=f"needs NVRTC on this host ({WHY_NOT})")
+
+
+@pytest.fixture(scope="session")
+def kernel_cache(tmp_path_factory):
+    """One kernel cache for the tests that compile (each SM compiles once, ~20 s)."""
+    return tmp_path_factory.mktemp("kernel-cache")
 
 
 def _build(tmp_path, tokenizer_dir, targets: list[str], messages: list[str]):
@@ -23,9 +30,9 @@ def _build(tmp_path, tokenizer_dir, targets: list[str], messages: list[str]):
     return out, manifest
 
 
-@pytest.mark.skipif(not NVRTC, reason=f"needs NVRTC on this host ({WHY_NOT})")
-def test_an_int4_engine_ships_its_kernels_for_each_gpu_target(tmp_path, tokenizer_dir, monkeypatch):
-    monkeypatch.setenv("EDGELLM_KERNEL_CACHE", str(tmp_path / "cache"))
+@needs_nvrtc
+def test_an_int4_engine_ships_its_kernels_for_each_gpu_target(tmp_path, tokenizer_dir, monkeypatch, kernel_cache):
+    monkeypatch.setenv("EDGELLM_KERNEL_CACHE", str(kernel_cache))
     messages: list[str] = []
     out, manifest = _build(tmp_path, tokenizer_dir, ["cpu", "8.9"], messages)
     rel = f"{w4a16_cuda.ENGINE_KERNELS_DIR}/{w4a16_cuda.cubin_name(89)}"
@@ -35,8 +42,11 @@ def test_an_int4_engine_ships_its_kernels_for_each_gpu_target(tmp_path, tokenize
     assert any("compiling the INT4 GPU kernels for SM 8.9" in m for m in messages)
 
 
-@pytest.mark.skipif(NVRTC, reason="this host has NVRTC: the engine ships the kernels (the test above)")
-def test_without_nvrtc_the_builder_says_the_devices_will_compile_them(tmp_path, tokenizer_dir):
+def test_without_nvrtc_the_builder_says_the_devices_will_compile_them(tmp_path, tokenizer_dir, monkeypatch):
+    """As on a build host without NVRTC (the test extra installs it here)."""
+    import edgellm.engine.kernels as kernels
+
+    monkeypatch.setattr(kernels, "nvrtc_usable", lambda: (False, "NVRTC is not usable: no libnvrtc on this host"))
     messages: list[str] = []
     out, manifest = _build(tmp_path, tokenizer_dir, ["8.9"], messages)
     assert not any(name.startswith("kernels/") for name in manifest.files) and not (out / "kernels").exists()
@@ -71,11 +81,26 @@ def test_kernels_from_other_source_have_another_name():
         w4a16_cuda.SOURCE = source
 
 
-@pytest.mark.skipif(not NVRTC, reason=f"needs NVRTC on this host ({WHY_NOT})")
-def test_an_sm_this_hosts_nvrtc_cannot_compile_for_is_left_to_the_devices(tmp_path, tokenizer_dir, monkeypatch):
-    monkeypatch.setenv("EDGELLM_KERNEL_CACHE", str(tmp_path / "cache"))
+@needs_nvrtc
+def test_an_sm_this_hosts_nvrtc_cannot_compile_for_is_left_to_the_devices(tmp_path, tokenizer_dir, monkeypatch,
+                                                                          kernel_cache):
+    monkeypatch.setenv("EDGELLM_KERNEL_CACHE", str(kernel_cache))
     messages: list[str] = []
     out, manifest = _build(tmp_path, tokenizer_dir, ["8.9", "9.9"], messages)
     assert [name for name in manifest.files if name.startswith("kernels/")] == [
         f"kernels/{w4a16_cuda.cubin_name(89)}"]
     assert any("could not compile the INT4 GPU kernels for SM 9.9" in m for m in messages), messages
+
+
+@needs_nvrtc
+@pytest.mark.parametrize("sm", [87, 89, 90], ids=["Orin", "L40S", "H100"])
+def test_the_kernels_compile_for_each_device_class(sm, monkeypatch, kernel_cache):
+    """The CUDA source compiles (no GPU needed) and the cubin holds every entry the launcher
+    looks up: a compile error or a missing entry shows here, not first on a device."""
+    monkeypatch.setenv("EDGELLM_KERNEL_CACHE", str(kernel_cache))
+    cubin = w4a16_cuda.compile_cubin(sm)
+    assert cubin[:4] == b"\x7fELF"
+    names = [w4a16_cuda.entry_name(*entry) for entry in w4a16_cuda.ENTRIES]
+    names += ["w4a16_mma_dequant", "w4a16_mma_repack", "w4a16_mma_pack_scales"]
+    missing = [name for name in names if name.encode() + b"\0" not in cubin]
+    assert not missing, f"sm_{sm}: no {missing}"
