@@ -26,6 +26,7 @@ SHAPES = [
     (6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336),
 ]
 ROWS = list(range(1, 17))
+COMPILED = {w4a16_cuda.entry_name(*entry) for entry in w4a16_cuda.ENTRIES}
 
 
 @pytest.mark.parametrize("device,sms,limit", DEVICES, ids=[d[0] for d in DEVICES])
@@ -38,6 +39,9 @@ def test_every_picked_configuration_fits_the_device(device, sms, limit, split_gr
             need = w4a16_cuda.shared_bytes(config, mb, split_group)
             assert need <= limit, f"{device}: {config} for N={n} K={k} rows={rows} needs {need} > {limit} bytes"
             assert config.tiles == 1 or rows <= 8, f"two-tile blocks take up to 8 rows, picked for {rows}"
+            entry = w4a16_cuda.entry_name(mb, config.stages, split_group, w4a16_cuda.block_threads(config.warps),
+                                          config.tiles)
+            assert entry in COMPILED, f"{config} for rows={rows} launches {entry}, which the cubin does not have"
 
 
 def test_on_sm90_the_pick_is_the_measured_choice():
