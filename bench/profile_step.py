@@ -4,6 +4,8 @@ same for the prefill of an N-token prompt (each run's time is printed: its sprea
 
     python3 bench/profile_step.py --shape llama-3.1-8b --batch 1 --out profile.json
     python3 bench/profile_step.py --shape llama-3.1-8b --prefill 512 --out profile-prefill.json
+    ncu --profile-from-start off --graph-profiling node --cache-control none ... \
+        python3 bench/profile_step.py --batch 4 --ncu-replays 2 --out unused.json   (bench/ncu_w4a16.sh graph:...)
 
 The profiled steps run eagerly (the same kernels the graph replays, launched one by one),
 so each kernel's own GPU time is exact; the graph step time minus the sum of kernel times
@@ -38,6 +40,9 @@ def main() -> int:
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--prefill", type=int, default=0, help="profile the prefill of a prompt of this many tokens")
     ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--ncu-replays", type=int, default=0,
+                    help="only replay the decode graph this many times between cudaProfilerStart/Stop, for ncu "
+                         "--profile-from-start off (each kernel of the graph profiled with its real inputs), then exit")
     args = ap.parse_args()
 
     from edgellm.engine.demo_tokenizer import train_demo_tokenizer
@@ -75,6 +80,16 @@ def main() -> int:
         torch.cuda.synchronize()
         return (time.perf_counter() - t0) / n
 
+    if args.ncu_replays:
+        graph = engine._graphs[b]
+        graph.replay()
+        torch.cuda.synchronize()
+        torch.cuda.profiler.start()
+        for _ in range(args.ncu_replays):
+            graph.replay()
+        torch.cuda.synchronize()
+        torch.cuda.profiler.stop()
+        return 0
     graph_steps(10)
     graph_ms = statistics.median(graph_steps(STEPS) for _ in range(5)) * 1e3
     replay_ms = statistics.median(replays(STEPS) for _ in range(5)) * 1e3
