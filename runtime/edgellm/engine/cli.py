@@ -102,6 +102,8 @@ def cmd_run(args) -> int:
 
     engine = Engine.load(args.engine_dir, device=args.device,
                          progress=lambda msg: print(f"run: {msg}", file=sys.stderr, flush=True))
+    if engine.int4_fallback:
+        print(f"run: warning: {engine.int4_fallback}", file=sys.stderr, flush=True)
     if args.prompt_ids is not None:
         if args.chat:
             raise RequestError("--chat needs --prompt text, not --prompt-ids")
