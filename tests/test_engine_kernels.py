@@ -63,8 +63,9 @@ def test_the_runtime_takes_the_kernels_an_engine_ships(tmp_path, monkeypatch):
     name = w4a16_cuda.cubin_name(89)
     (engine / "kernels" / name).write_bytes(b"compiled at build time")
     (engine / "kernels" / "notes.txt").write_bytes(b"not a kernel")
-    files = [f"kernels/{name}", "kernels/notes.txt", "tokenizer.model", "model.safetensors"]
-    assert w4a16_cuda.use_engine_kernels(engine, files) == [name]
+    other_sm = w4a16_cuda.cubin_name(90)  # listed, but for another GPU: not read
+    files = [f"kernels/{name}", f"kernels/{other_sm}", "kernels/notes.txt", "tokenizer.model", "model.safetensors"]
+    assert w4a16_cuda.use_engine_kernels(engine, files, 89) == [name]
     assert w4a16_cuda.compile_cubin(89) == b"compiled at build time"
     assert (tmp_path / "cache" / name).read_bytes() == b"compiled at build time"
 

@@ -182,7 +182,8 @@ class Engine:
         if dev.type == "cuda" and manifest.quantization["scheme"] != "fp16":
             from edgellm.engine.kernels import w4a16_cuda
 
-            w4a16_cuda.use_engine_kernels(engine_dir, manifest.files)  # compiled at build time, if shipped
+            major, minor = torch.cuda.get_device_capability(dev)
+            w4a16_cuda.use_engine_kernels(engine_dir, manifest.files, 10 * major + minor)  # compiled at build time
         config = ModelConfig.from_dict(manifest.model["config"])
         quant = manifest.quantization
         scheme = quant["scheme"]

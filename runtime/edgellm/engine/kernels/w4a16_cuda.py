@@ -636,14 +636,14 @@ def cubin_name(sm: int) -> str:
     return f"w4a16-mma-sm{sm}-{key}.cubin"
 
 
-def use_engine_kernels(engine_dir: Path, files) -> list[str]:
-    """Make the compiled kernels an engine ships (`kernels/w4a16-mma-sm*.cubin` among its manifest's
-    `files`, checked with the other files when the engine is verified) available to compile_cubin,
-    so that a device loads them instead of compiling them at its first start. Their names."""
+def use_engine_kernels(engine_dir: Path, files, sm: int) -> list[str]:
+    """Make the kernels for SM `sm` that an engine ships (`kernels/w4a16-mma-sm<sm>-*.cubin` among its
+    manifest's `files`, checked with the other files when the engine is verified) available to
+    compile_cubin, so that a device loads them instead of compiling them at its first start. Their names."""
     names = []
     for rel in files:
         folder, _, name = rel.rpartition("/")
-        if folder == ENGINE_KERNELS_DIR and name.startswith("w4a16-mma-sm") and name.endswith(".cubin"):
+        if folder == ENGINE_KERNELS_DIR and name.startswith(f"w4a16-mma-sm{sm}-") and name.endswith(".cubin"):
             _shipped[name] = (Path(engine_dir) / rel).read_bytes()
             names.append(name)
     return names
