@@ -374,7 +374,7 @@ class Doctor:
         ident = self.identity()
         if ident is None or ident.is_cpu:
             return Check("gpu-kernels", SKIP, "no GPU (see gpu)")
-        from edgellm.engine.kernels import nvrtc_usable
+        from edgellm.engine.kernels import ENGINE_KERNELS_DIR, cubin_prefix, nvrtc_usable
 
         usable, detail = nvrtc_usable()
         if not usable:
@@ -386,7 +386,7 @@ class Doctor:
         if manifest is None or manifest.quantization.get("scheme") == "fp16":
             return Check("gpu-kernels", OK, f"{detail}: INT4 engines run the tensor-core kernel")
         major, _, minor = ident.sm.partition(".")
-        prefix = f"kernels/w4a16-mma-sm{major}{minor}-"
+        prefix = f"{ENGINE_KERNELS_DIR}/{cubin_prefix(10 * int(major) + int(minor))}"
         if any(rel.startswith(prefix) for rel in manifest.files):
             return Check("gpu-kernels", OK, f"{detail}; engine {manifest.engine_id} ships its kernels compiled for "
                          f"SM {ident.sm}")

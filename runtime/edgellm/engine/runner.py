@@ -7,6 +7,7 @@ which slot and where each sequence stands (its position).
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import time
@@ -119,9 +120,7 @@ class Engine:
         (NVRTC), Triton's, or weights dequantized at load; "" for an fp16 engine."""
         names = {"mma": "tensor-core (NVRTC)", "triton": "Triton",
                  "dense": "dequantized fp32 (CPU)" if self.device.type == "cpu" else "dequantized fp16"}
-        counts: dict[str, int] = {}
-        for layer in self._int4_layers():
-            counts[layer.path] = counts.get(layer.path, 0) + 1
+        counts = collections.Counter(layer.path for layer in self._int4_layers())
         if len(counts) == 1:
             return names[next(iter(counts))]
         return ", ".join(f"{names[path]} for {n}" for path, n in sorted(counts.items()))
@@ -131,7 +130,8 @@ class Engine:
         """On a CUDA GPU, why some INT4 projections do not run the tensor-core kernel and what to
         do about it (their decode is slower; dequantized ones also hold fp16's 4x memory); None
         where they all do, or off the GPU."""
-        slow = [layer for layer in self._int4_layers() if layer.path != "mma"]
+        layers = self._int4_layers()
+        slow = [layer for layer in layers if layer.path != "mma"]
         if self.device.type != "cuda" or not slow:
             return None
         from edgellm.engine.kernels import w4a16_cuda
@@ -149,7 +149,7 @@ class Engine:
                       "that divide the in-features; rebuild the engine with --group-size 128")
         paths = sorted({layer.path for layer in slow})
         how = " and ".join("Triton's kernel" if path == "triton" else "fp16 weights dequantized at load" for path in paths)
-        return f"{len(slow)} of {len(self._int4_layers())} INT4 projections run {how}, not the tensor-core kernel: {reason}"
+        return f"{len(slow)} of {len(layers)} INT4 projections run {how}, not the tensor-core kernel: {reason}"
 
     @classmethod
     def load(

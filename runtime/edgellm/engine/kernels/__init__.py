@@ -10,6 +10,15 @@ import functools
 import threading
 
 
+ENGINE_KERNELS_DIR = "kernels"  # where an engine ships its compiled kernels (builder.write_engine_kernels)
+
+
+def cubin_prefix(sm: int) -> str:
+    """How the file name of the W4A16 cubin for SM `sm` (e.g. 90) starts; the rest is a hash of the
+    kernel source and ".cubin" (w4a16_cuda.cubin_name). Torch-free: the doctor looks for it too."""
+    return f"w4a16-mma-sm{sm}-"
+
+
 def cuda_bindings():
     """cuda-python's (driver, nvrtc) modules, in either package layout. Torch-free (the doctor uses it)."""
     try:

@@ -54,7 +54,7 @@ from pathlib import Path
 
 import torch
 
-from edgellm.engine.kernels import cuda_bindings, nvrtc_usable, pdl, sm_count
+from edgellm.engine.kernels import ENGINE_KERNELS_DIR, cubin_prefix, cuda_bindings, nvrtc_usable, pdl, sm_count
 
 SOURCE = r"""
 typedef unsigned int u32;
@@ -618,7 +618,6 @@ def min_blocks_per_sm(mb: int, stages: int, threads: int = 256, tiles: int = 1) 
     return 4 if mb == 1 else 1
 
 
-ENGINE_KERNELS_DIR = "kernels"  # where an engine ships its compiled kernels (builder.write_engine_kernels)
 _shipped: dict[str, bytes] = {}  # cubin name -> bytes, from the engines loaded in this process
 
 
@@ -633,7 +632,7 @@ def cubin_name(sm: int) -> str:
     """The file name of the kernels compiled for SM `sm` (e.g. 90) from this runtime's source: a
     cubin built from other source (another runtime version) has another name and is not used."""
     key = hashlib.sha256(_source().encode() + f"sm_{sm}".encode()).hexdigest()[:16]
-    return f"w4a16-mma-sm{sm}-{key}.cubin"
+    return f"{cubin_prefix(sm)}{key}.cubin"
 
 
 def use_engine_kernels(engine_dir: Path, files, sm: int) -> list[str]:
@@ -642,8 +641,8 @@ def use_engine_kernels(engine_dir: Path, files, sm: int) -> list[str]:
     compile_cubin, so that a device loads them instead of compiling them at its first start. Their names."""
     names = []
     for rel in files:
-        folder, _, name = rel.rpartition("/")
-        if folder == ENGINE_KERNELS_DIR and name.startswith(f"w4a16-mma-sm{sm}-") and name.endswith(".cubin"):
+        if rel.startswith(f"{ENGINE_KERNELS_DIR}/{cubin_prefix(sm)}") and rel.endswith(".cubin"):
+            name = rel.rpartition("/")[2]
             _shipped[name] = (Path(engine_dir) / rel).read_bytes()
             names.append(name)
     return names
@@ -966,7 +965,7 @@ def pick_config(n: int, k: int, num_sms: int, rows: int = 1, shared_limit: int |
     preferred = _preferred_config(n, k, num_sms, rows)
     if shared_limit is None:
         return preferred
-    mb = next(b for b in BATCH_BLOCKS if 8 * b >= min(rows, MAX_ROWS))
+    mb = batch_block(min(rows, MAX_ROWS))
     for config in _smaller_configs(preferred):
         if shared_bytes(config, mb, split_group) <= shared_limit:
             return config
@@ -984,6 +983,11 @@ def _smaller_configs(config: MmaConfig):
     while warps >= 1:
         yield MmaConfig(warps, RING_STAGES[0], config.early_start)
         warps //= 2
+
+
+def batch_block(rows: int) -> int:
+    """MB of the kernel entry for up to 16 rows of x: 1 up to 8 rows, else 2."""
+    return next(b for b in BATCH_BLOCKS if 8 * b >= rows)
 
 
 def shared_bytes(config: MmaConfig, mb: int, split_group: bool) -> int:
@@ -1074,19 +1078,20 @@ def w4a16_mma_linear(x: torch.Tensor, w: MmaWeights, bias: torch.Tensor | None =
     split_group = w.group_size == 64
     for m0 in range(0, m, MAX_ROWS):
         rows = min(MAX_ROWS, m - m0)
-        mb = next(b for b in BATCH_BLOCKS if 8 * b >= rows)
+        mb = batch_block(rows)
         limit = max_shared_bytes(x.device.index if x.device.index is not None else torch.cuda.current_device())
         cfg = config or pick_config(w.n, k, sm_count(x.device), rows, limit, split_group)
         if cfg.tiles == 2 and mb > 1:
             raise ValueError(f"two-tile blocks take up to 8 rows of x per launch, got {rows}")
-        if shared_bytes(cfg, mb, split_group) > limit:
-            raise ValueError(f"{cfg} needs {shared_bytes(cfg, mb, split_group)} bytes of shared memory per block for "
+        shared = shared_bytes(cfg, mb, split_group)
+        if shared > limit:
+            raise ValueError(f"{cfg} needs {shared} bytes of shared memory per block for "
                              f"{rows} rows; this GPU allows {limit}: use a shallower ring or fewer warps (pick_config "
                              f"chooses one that fits)")
         early_start = pdl.active(x.device) if cfg.early_start is None else cfg.early_start
         xs, outs = x[m0:m0 + rows], out[m0:m0 + rows]
         _launch(entry_name(mb, cfg.stages, split_group, block_threads(cfg.warps), cfg.tiles), x.device,
-                -(-w.n // (16 * cfg.tiles)), 32 * cfg.warps, shared_bytes(cfg, mb, split_group),
+                -(-w.n // (16 * cfg.tiles)), 32 * cfg.warps, shared,
                 (xs.data_ptr(), xs.stride(0), rows, w.qweight.data_ptr(), w.scale_zero.data_ptr(),
                  0 if bias is None else bias.data_ptr(), outs.data_ptr(), outs.stride(0), w.n, k, gshift,
                  int(w.gate_up)) + (fold or _NO_FOLD).args(),
