@@ -156,7 +156,7 @@ def bench_mma(m, n, k, g, copies, gen, cfg=None):
 def mma_candidates(n: int, k: int, sms: int, m: int, g: int):
     """Tensor-core kernel configurations (--sweep-mma): the chosen one with and without early
     start (programmatic dependent launch), then each K split and ring depth, with one tile per
-    block and (up to 8 rows) two, and persistent blocks where their rings divide K."""
+    block and (up to 8 rows) two."""
     C = w4a16_cuda.MmaConfig
     chosen = w4a16_cuda.pick_config(n, k, sms, m, w4a16_cuda.max_shared_bytes(torch.cuda.current_device()), g == 64)
     out = [chosen, dataclasses.replace(chosen, early_start=False)]
@@ -165,8 +165,6 @@ def mma_candidates(n: int, k: int, sms: int, m: int, g: int):
     if m <= 8:
         out += [C(warps, stages, tiles=2) for warps in (4, 8, 16) for stages in (3, 4)
                 if k // 128 >= 2 * warps and (w4a16_cuda.block_threads(warps), stages) in w4a16_cuda.TWO_TILE_SHAPES]
-    out += [C(warps, stages, persistent=True) for warps in (4, 8) for threads, stages in w4a16_cuda.PERSISTENT_SHAPES
-            if w4a16_cuda.persistent_fits(C(warps, stages, persistent=True), k, m)]
     return list(dict.fromkeys(out))
 
 

@@ -14,7 +14,6 @@ with room to spare. NaN never passes (the comparison with NaN is False), and out
 poisoned with NaN before each run so that an unwritten element fails.
 """
 
-import dataclasses
 
 import pytest
 import torch
@@ -510,77 +509,6 @@ def test_two_tile_blocks_write_what_one_tile_blocks_write(kind, m, warps, stages
     if kind == "residual":
         assert torch.equal(two[2], one[2])
         assert torch.allclose(two[1], one[1], rtol=1e-6)
-
-
-def _random_gpu_weights(n: int, k: int, g: int, seed: int) -> quant.QuantizedWeight:
-    """Random packed INT4 weights made on the GPU (for comparing kernels with each other: any
-    nibbles, scales and integer zeros will do, and quantizing 100 M weights on the CPU would not)."""
-    gen = torch.Generator(device="cuda").manual_seed(seed)
-    qweight = torch.randint(-2**31, 2**31, (n, k // 8), generator=gen, dtype=torch.int64, device="cuda").to(torch.int32)
-    scales = (torch.rand(n, k // g, generator=gen, device="cuda") * 0.02 + 0.001).half()
-    zeros = torch.randint(0, 16, (n, k // g), generator=gen, device="cuda").half()
-    return quant.QuantizedWeight(qweight, scales, zeros, g)
-
-
-@pytest.mark.parametrize("kind", ["plain", "bias", "g64", "gate_up", "norm_in", "residual"])
-@pytest.mark.parametrize("m", [1, 4, 8])
-@pytest.mark.parametrize("warps", [8, 4])
-def test_persistent_blocks_write_what_one_tile_blocks_write(kind, m, warps):
-    """Persistent blocks (one wave, each block going on to the tile gridDim.x further, its ring
-    running on) give the one-tile kernel's output bit for bit in every epilogue (see the two-tile
-    test), with early start on and off, where the tiles take 1.3 waves of blocks: rounds of
-    unequal length, the second round of some blocks empty."""
-    w4a16_cuda = _mma_or_skip()
-    g = 64 if kind == "g64" else 128
-    k = 4096
-    config = w4a16_cuda.MmaConfig(warps, 4, persistent=True)
-    entry = w4a16_cuda.entry_name(1, 4, g == 64, w4a16_cuda.block_threads(warps), 1, True)
-    shared = w4a16_cuda.shared_bytes(config, 1, g == 64)
-    wave = kernels.sm_count("cuda") * w4a16_cuda.blocks_per_sm(entry, 32 * warps, shared, torch.device("cuda"))
-    n = 16 * (wave + wave // 3 + 1)
-    qw = _random_gpu_weights(n, k, g, seed=warps)
-    packed = w4a16_cuda.MmaWeights.from_rowpacked(qw.qweight, qw.scales, qw.zeros, g, gate_up=kind == "gate_up")
-    torch.manual_seed(m + n + warps)
-    x = torch.randn(m, k, device="cuda").half()
-    bias = torch.randn(n, device="cuda").half() if kind in ("bias", "gate_up") else None
-    if kind == "gate_up":
-        bias = w4a16_cuda.interleave_gate_up(bias)
-    out_n = n // 2 if kind == "gate_up" else n
-    residual = torch.randn(m, n, device="cuda").half()
-    weight = (torch.rand(n, device="cuda") + 0.5).half()
-    in_sumsq = x.float().pow(2).sum(-1) * 0.7
-
-    def run(config):
-        out = residual.clone() if kind == "residual" else _poisoned(m, out_n)
-        sums = torch.full((m,), 3.0, device="cuda")
-        scaled = _poisoned(m, n)
-        fold = None
-        if kind == "norm_in":
-            fold = w4a16_cuda.Fold(in_sumsq=in_sumsq, eps=1e-5)
-        elif kind == "residual":
-            fold = w4a16_cuda.Fold(add_to_out=True, out_sumsq=sums, next_weight=weight, scaled=scaled)
-        w4a16_cuda.w4a16_mma_linear(x, packed, bias, out=out, config=config, fold=fold)
-        return out, sums, scaled
-
-    one = run(w4a16_cuda.MmaConfig(warps, 4))
-    for early in (False, True):
-        persistent = run(dataclasses.replace(config, early_start=early))
-        torch.cuda.synchronize()
-        print(f"persistent {kind} M={m} warps {warps} early start {early}, {n // 16} tiles on a wave of {wave} "
-              f"blocks: max |diff| {(persistent[0].float() - one[0].float()).abs().max().item():.1e}")
-        assert torch.isfinite(one[0]).all() and torch.equal(persistent[0], one[0])
-        if kind == "residual":
-            assert torch.equal(persistent[2], one[2])
-            assert torch.allclose(persistent[1], one[1], rtol=1e-6)
-
-
-def test_persistent_blocks_refuse_what_their_rings_cannot_run():
-    w4a16_cuda = _mma_or_skip()
-    qw = _weights(1024, 3072, 128)  # 24 pairs: 3 per warp of 8, the ring has 4 slots
-    packed = w4a16_cuda.MmaWeights.from_rowpacked(qw.qweight, qw.scales, qw.zeros, 128)
-    x = torch.randn(1, 3072, device="cuda").half()
-    with pytest.raises(ValueError, match="persistent blocks .* need up to 8 rows and K / 128 pairs a multiple"):
-        w4a16_cuda.w4a16_mma_linear(x, packed, config=w4a16_cuda.MmaConfig(8, 4, persistent=True))
 
 
 def test_early_start_chain_in_a_graph_waits_for_each_input():

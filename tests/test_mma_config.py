@@ -39,9 +39,8 @@ def test_every_picked_configuration_fits_the_device(device, sms, limit, split_gr
             need = w4a16_cuda.shared_bytes(config, mb, split_group)
             assert need <= limit, f"{device}: {config} for N={n} K={k} rows={rows} needs {need} > {limit} bytes"
             assert config.tiles == 1 or rows <= 8, f"two-tile blocks take up to 8 rows, picked for {rows}"
-            assert not config.persistent or w4a16_cuda.persistent_fits(config, k, rows), (config, n, k, rows)
             entry = w4a16_cuda.entry_name(mb, config.stages, split_group, w4a16_cuda.block_threads(config.warps),
-                                          config.tiles, config.persistent)
+                                          config.tiles)
             assert entry in COMPILED, f"{config} for rows={rows} launches {entry}, which the cubin does not have"
 
 
@@ -73,28 +72,3 @@ def test_two_tile_blocks_can_be_turned_off(monkeypatch):
     for n, k in SHAPES:
         for rows in ROWS:
             assert w4a16_cuda.pick_config(n, k, 132, rows).tiles == 1
-
-
-def test_persistent_blocks_run_the_grids_of_several_waves_where_the_pairs_divide_evenly(monkeypatch):
-    """8B gate|up (1792 tiles, 3.4 waves of 4 blocks per SM on 132 SMs; 32 pairs: 4 per warp of
-    8, one ring of 4) runs persistent blocks up to 8 rows; grids of one wave do not (8B q|k|v),
-    nor 9-16 rows, nor K whose pairs do not divide into the rings (3B gate|up: K = 3072, 24 pairs,
-    3 per warp). EDGELLM_MMA_PERSISTENT=0 turns them off."""
-    for rows in range(1, 9):
-        assert w4a16_cuda.pick_config(28672, 4096, 132, rows) == w4a16_cuda.MmaConfig(8, 4, persistent=True)
-    assert not w4a16_cuda.pick_config(28672, 4096, 132, 9).persistent
-    assert not w4a16_cuda.pick_config(6144, 4096, 132, 1).persistent
-    assert not w4a16_cuda.pick_config(16384, 3072, 132, 1).persistent
-    monkeypatch.setenv("EDGELLM_MMA_PERSISTENT", "0")
-    assert w4a16_cuda.pick_config(28672, 4096, 132, 1) == w4a16_cuda.MmaConfig(8, 4)
-
-
-def test_persistent_blocks_are_refused_where_their_rings_would_fall_out_of_step():
-    config = w4a16_cuda.MmaConfig(8, 4, persistent=True)
-    assert w4a16_cuda.persistent_fits(config, 4096, 8)
-    assert not w4a16_cuda.persistent_fits(config, 3072, 1)  # 24 pairs: 3 per warp, the ring has 4 slots
-    assert not w4a16_cuda.persistent_fits(config, 4096, 9)
-    with pytest.raises(ValueError, match="persistent W4A16 blocks take one tile"):
-        w4a16_cuda.MmaConfig(8, 5, persistent=True)
-    with pytest.raises(ValueError, match="persistent W4A16 blocks take one tile"):
-        w4a16_cuda.MmaConfig(8, 4, tiles=2, persistent=True)

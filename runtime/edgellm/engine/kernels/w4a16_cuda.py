@@ -261,25 +261,17 @@ __device__ __forceinline__ void store_tile(
 // reads back only those: no barrier), STAGES - 1 pairs ahead of the arithmetic; x lines are
 // prefetched into L1 as far ahead. The first pairs are requested before waiting for the
 // previous kernel: weights never depend on it.
-// PERSIST: the block goes on to the tiles gridDim.x * TILES further, round after round, while its
-// rounds last (a grid of one wave: no partial last wave, no block start-up and drain between
-// tiles). Each warp's ring runs on across rounds: the last pairs of a round request the next
-// round's first ones, so the loads stay in flight through the cross-warp sum and the epilogue.
-// It needs every warp's share of pairs to be a multiple of STAGES (the slots stay in step) and
-// two buffers of cross-warp sums (a round's are written while warp 0 may still read the last).
-template <int MB, int STAGES, bool SPLIT_GROUP, int TILES, bool PERSIST>
+template <int MB, int STAGES, bool SPLIT_GROUP, int TILES>
 __device__ __forceinline__ void w4a16_mma(
     const u16* __restrict__ x, long long stride_xm, int M, const uint4* __restrict__ qw,
     const uint2* __restrict__ sz, const u16* __restrict__ bias,
     u16* __restrict__ out, long long stride_om, int N, int K, int gshift, int gate_up, const Fold& fold,
     unsigned char* smem)
 {
-    static_assert(!PERSIST || TILES == 1, "persistent blocks take one tile");
     constexpr int SZ = SPLIT_GROUP ? 2 : 1;  // scale/zero words per lane, pair and tile
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, warps = blockDim.x >> 5;
     const int g = lane >> 2, t = lane & 3;
-    const int last_tile = (N - 1) >> 4, tile_stride = gridDim.x * TILES;  // PERSIST: the next round's tiles are this far on
-    int first_tile = blockIdx.x * TILES;
+    const int first_tile = blockIdx.x * TILES, last_tile = (N - 1) >> 4;
     const int pairs = K >> 7;
     const int p_begin = (pairs * warp) / warps, n_pairs = (pairs * (warp + 1)) / warps - p_begin;
     const uint4* wp[TILES];  // tile T's pair p_begin + i, chunk h at wp[T][64 i + 32 h]
@@ -290,28 +282,22 @@ __device__ __forceinline__ void w4a16_mma(
         wp[T] = qw + ((long long)tile * 2 * pairs + 2 * p_begin) * 32 + lane;
         szp[T] = sz + (long long)tile * (K >> gshift) * 8 + g;
     }
-    // PERSIST: from a round's pointers to the next's (offsets, not pointers: registers are short)
-    const int wp_step = tile_stride * 2 * pairs * 32, szp_step = tile_stride * (K >> gshift) * 8;
     const int pair_to_group = gshift - 7;                                           // (one group per pair) pair p lies in group p >> this
     // Slot s, tile T, chunk h at ring_w[64 (TILES s + T) + 32 h]; its scale/zero at ring_sz[32 (SZ (TILES s + T) + h)].
     uint4* ring_w = reinterpret_cast<uint4*>(smem) + warp * STAGES * TILES * 64 + lane;
     uint2* ring_sz = reinterpret_cast<uint2*>(smem + warps * STAGES * TILES * 1024) + warp * STAGES * TILES * 32 * SZ + lane;
     float* red = reinterpret_cast<float*>(smem + warps * STAGES * TILES * (1024 + 256 * SZ));
-    const int red_floats = (warps - 1) * TILES * 4 * MB * 32;  // one buffer of cross-warp sums (PERSIST: two)
-    // pair p_begin + i of every tile into its slot, i % STAGES (next: of the next round's tiles)
-    auto request = [&](int i, int slot, bool next = false) {
+    auto request = [&](int i, int slot) {  // pair p_begin + i of every tile into its slot, i % STAGES
 #pragma unroll
         for (int T = 0; T < TILES; ++T) {
             const int at = TILES * slot + T;
-            const uint4* w = wp[T] + (next ? wp_step : 0);
-            const uint2* z = szp[T] + (next ? szp_step : 0);
-            copy_async16(ring_w + 64 * at, w + 64 * i);
-            copy_async16(ring_w + 64 * at + 32, w + 64 * i + 32);
+            copy_async16(ring_w + 64 * at, wp[T] + 64 * i);
+            copy_async16(ring_w + 64 * at + 32, wp[T] + 64 * i + 32);
             if (SPLIT_GROUP) {
-                copy_async8(ring_sz + 64 * at, z + 16 * (p_begin + i));
-                copy_async8(ring_sz + 64 * at + 32, z + 16 * (p_begin + i) + 8);
+                copy_async8(ring_sz + 64 * at, szp[T] + 16 * (p_begin + i));
+                copy_async8(ring_sz + 64 * at + 32, szp[T] + 16 * (p_begin + i) + 8);
             } else {
-                copy_async8(ring_sz + 32 * at, z + 8 * ((p_begin + i) >> pair_to_group));
+                copy_async8(ring_sz + 32 * at, szp[T] + 8 * ((p_begin + i) >> pair_to_group));
             }
         }
     };
@@ -324,7 +310,7 @@ __device__ __forceinline__ void w4a16_mma(
     }
     wait_for_previous_kernel();  // x and out belong to the kernels around this one
     let_next_kernel_start();
-    auto prefetch_epilogue_inputs = [&]() {  // (warp 0) into L1 now, so that the epilogue's loads do not wait on L2 at the end
+    if (warp == 0) {  // the epilogue's inputs into L1 now, so that its loads do not wait on L2 at the end
 #pragma unroll
         for (int T = 0; T < TILES; ++T) {
             const int tile = first_tile + T;
@@ -341,8 +327,7 @@ __device__ __forceinline__ void w4a16_mma(
                 if (lane == 9 && fold.next_weight != 0) prefetch_l1(fold.next_weight + tile * 16);
             }
         }
-    };
-    if (warp == 0) prefetch_epilogue_inputs();
+    }
 
     // x[g + 8 mb][128 p_begin + 16 t ..] as 16-byte vectors: pair i, chunk h at xr[mb] + 16 i + 8 h.
     // Rows past M read row M - 1 (their sums are never stored): no predicates in the loop.
@@ -363,8 +348,6 @@ __device__ __forceinline__ void w4a16_mma(
             if (x_prefetcher[mb]) prefetch_l1(x_line[mb] + 128 * i);
     };
     for (int i = 0; i < STAGES - 1 && i < n_pairs; ++i) prefetch_x(i);
-    for (int round = 0;; ++round) {  // PERSIST: while the block has tiles; else once
-    const bool next_round = PERSIST && first_tile + tile_stride <= last_tile;
     float acc[TILES][MB][4];
 #pragma unroll
     for (int T = 0; T < TILES; ++T)
@@ -382,8 +365,6 @@ __device__ __forceinline__ void w4a16_mma(
         if (i + STAGES - 1 < n_pairs) {
             request(i + STAGES - 1, (s + STAGES - 1) % STAGES);  // into the slot read one pair ago
             prefetch_x(i + STAGES - 1);
-        } else if (next_round) {
-            request(i + STAGES - 1 - n_pairs, (s + STAGES - 1) % STAGES, true);  // the next round's first pairs
         }
         copy_async_commit();
         uint4 xv[MB][4];  // chunk h, half e at xv[mb][2 h + e]
@@ -431,7 +412,6 @@ __device__ __forceinline__ void w4a16_mma(
     }
     }
     if (warps > 1) {  // warp 0 sums the other warps' partial tiles
-        float* sums = red + (PERSIST ? (round & 1) * red_floats : 0);
         if (warp > 0) {
 #pragma unroll
             for (int T = 0; T < TILES; ++T)
@@ -439,33 +419,24 @@ __device__ __forceinline__ void w4a16_mma(
                 for (int mb = 0; mb < MB; ++mb)
 #pragma unroll
                     for (int r = 0; r < 4; ++r)
-                        sums[((warp - 1) * TILES * 4 * MB + (T * MB + mb) * 4 + r) * 32 + lane] = acc[T][mb][r];
+                        red[((warp - 1) * TILES * 4 * MB + (T * MB + mb) * 4 + r) * 32 + lane] = acc[T][mb][r];
         }
         __syncthreads();
-        if (warp == 0) {
-            for (int w = 1; w < warps; ++w)
+        if (warp > 0) return;
+        for (int w = 1; w < warps; ++w)
 #pragma unroll
-                for (int T = 0; T < TILES; ++T)
+            for (int T = 0; T < TILES; ++T)
 #pragma unroll
-                    for (int mb = 0; mb < MB; ++mb)
+                for (int mb = 0; mb < MB; ++mb)
 #pragma unroll
-                        for (int r = 0; r < 4; ++r) acc[T][mb][r] += sums[((w - 1) * TILES * 4 * MB + (T * MB + mb) * 4 + r) * 32 + lane];
-        }
+                    for (int r = 0; r < 4; ++r) acc[T][mb][r] += red[((w - 1) * TILES * 4 * MB + (T * MB + mb) * 4 + r) * 32 + lane];
     }
-    if (warp == 0) {
 #pragma unroll
-        for (int T = 0; T < TILES; ++T)
-            store_tile<MB>(acc[T], first_tile + T, M, bias, out, stride_om, N, K, gate_up, fold, g, t);
-    }
-    if (!next_round) return;
-    first_tile += tile_stride;
-    wp[0] += wp_step;
-    szp[0] += szp_step;
-    if (warp == 0) prefetch_epilogue_inputs();
-    }
+    for (int T = 0; T < TILES; ++T)
+        store_tile<MB>(acc[T], first_tile + T, M, bias, out, stride_om, N, K, gate_up, fold, g, t);
 }
 
-#define MMA_ENTRY(NAME, MB, STAGES, SPLIT_GROUP, TILES, PERSIST, THREADS, MIN_BLOCKS)                     \
+#define MMA_ENTRY(NAME, MB, STAGES, SPLIT_GROUP, TILES, THREADS, MIN_BLOCKS)                              \
     extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) NAME(                               \
         const u16* x, long long stride_xm, int M, const uint4* qw, const uint2* sz,                       \
         const u16* bias, u16* out, long long stride_om, int N, int K, int gshift, int gate_up,            \
@@ -473,10 +444,10 @@ __device__ __forceinline__ void w4a16_mma(
         u16* scaled, long long stride_scaled) {                                                           \
         extern __shared__ __align__(16) unsigned char smem[];                                             \
         const Fold fold{in_sumsq, eps, add_to_out, out_sumsq, next_weight, scaled, stride_scaled};        \
-        w4a16_mma<MB, STAGES, SPLIT_GROUP, TILES, PERSIST>(x, stride_xm, M, qw, sz, bias, out, stride_om, \
-                                                           N, K, gshift, gate_up, fold, smem);            \
+        w4a16_mma<MB, STAGES, SPLIT_GROUP, TILES>(x, stride_xm, M, qw, sz, bias, out, stride_om, N, K,    \
+                                                  gshift, gate_up, fold, smem);                           \
     }
-// The entries (w4a16_mma_mb<MB>_s<STAGES>[_t512][_g64][_x2][_p]) are listed by compile_cubin: see ENTRIES.
+// The entries (w4a16_mma_mb<MB>_s<STAGES>[_t512][_g64][_x2]) are listed by compile_cubin: see ENTRIES.
 
 
 // int4-rowpacked-v1 [N, K / 8] (weight 8 w + i at bits 4 i of word w) -> the mma layout, as
@@ -576,8 +547,6 @@ BLOCK_SHAPES = ((256, 4), (256, 5), (256, 8), (512, 4), (512, 5))
 # Blocks of two tiles (up to 8 rows of x: MB 1): each slot holds both tiles' pair, so the rings are
 # twice as large per slot; 3 slots give 3 blocks of 8 warps per SM, 4 slots 2.
 TWO_TILE_SHAPES = ((256, 3), (256, 4), (512, 3))
-# Persistent blocks (one tile, up to 8 rows of x): each block goes on from tile to tile, its ring running on.
-PERSISTENT_SHAPES = ((256, 4),)
 RING_STAGES = (4, 8)  # the shallow and the deep ring of pick_config
 MAX_ROWS = 8 * BATCH_BLOCKS[-1]
 SLICED_ROWS = 2 * MAX_ROWS  # up to this many rows run as slices; beyond, dequantize + cuBLAS
@@ -623,19 +592,16 @@ def block_threads(warps: int) -> int:
     return 256 if warps <= 8 else 512
 
 
-def entry_name(mb: int, stages: int, split_group: bool, threads: int = 256, tiles: int = 1,
-               persistent: bool = False) -> str:
+def entry_name(mb: int, stages: int, split_group: bool, threads: int = 256, tiles: int = 1) -> str:
     """The kernel entry for up to 8 * mb rows, a ring of `stages` slots, blocks of up to
-    `threads` threads, G = 64 (split_group) or more, `tiles` 16-row tiles per block, and
-    blocks that go on from tile to tile (persistent)."""
+    `threads` threads, G = 64 (split_group) or more, and `tiles` 16-row tiles per block."""
     return (f"w4a16_mma_mb{mb}_s{stages}" + ("_t512" if threads == 512 else "") + ("_g64" if split_group else "")
-            + ("_x2" if tiles == 2 else "") + ("_p" if persistent else ""))
+            + ("_x2" if tiles == 2 else ""))
 
 
-ENTRIES = ([(mb, stages, split, threads, 1, False) for mb in BATCH_BLOCKS for threads, stages in BLOCK_SHAPES
+ENTRIES = ([(mb, stages, split, threads, 1) for mb in BATCH_BLOCKS for threads, stages in BLOCK_SHAPES
             for split in (False, True)]
-           + [(1, stages, split, threads, 2, False) for threads, stages in TWO_TILE_SHAPES for split in (False, True)]
-           + [(1, stages, split, threads, 1, True) for threads, stages in PERSISTENT_SHAPES for split in (False, True)])
+           + [(1, stages, split, threads, 2) for threads, stages in TWO_TILE_SHAPES for split in (False, True)])
 
 
 def min_blocks_per_sm(mb: int, stages: int, threads: int = 256, tiles: int = 1) -> int:
@@ -656,10 +622,9 @@ _shipped: dict[str, bytes] = {}  # cubin name -> bytes, from the engines loaded 
 
 
 def _source() -> str:
-    entries = "".join(f"MMA_ENTRY({entry_name(mb, stages, split, threads, tiles, persistent)}, {mb}, {stages}, "
-                      f"{str(split).lower()}, {tiles}, {str(persistent).lower()}, {threads}, "
-                      f"{min_blocks_per_sm(mb, stages, threads, tiles)})\n"
-                      for mb, stages, split, threads, tiles, persistent in ENTRIES)
+    entries = "".join(f"MMA_ENTRY({entry_name(mb, stages, split, threads, tiles)}, {mb}, {stages}, {str(split).lower()}, "
+                      f"{tiles}, {threads}, {min_blocks_per_sm(mb, stages, threads, tiles)})\n"
+                      for mb, stages, split, threads, tiles in ENTRIES)
     return SOURCE + entries
 
 
@@ -740,19 +705,6 @@ def _functions(device_index: int) -> dict[str, object]:
         _ok((driver.cuFuncSetAttribute(functions[name], driver.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
                                        optin)[0], None), "cuFuncSetAttribute")
     return functions
-
-
-def blocks_per_sm(entry: str, threads: int, shared: int, device: torch.device) -> int:
-    """How many blocks of the kernel entry fit on one SM at once (registers, shared memory, threads)."""
-    return _blocks_per_sm(entry, threads, shared, device.index if device.index is not None else torch.cuda.current_device())
-
-
-@functools.lru_cache(maxsize=256)
-def _blocks_per_sm(entry: str, threads: int, shared: int, device_index: int) -> int:
-    driver, _ = cuda_bindings()
-    blocks = _ok(driver.cuOccupancyMaxActiveBlocksPerMultiprocessor(_functions(device_index)[entry], threads, shared),
-                 "cuOccupancyMaxActiveBlocksPerMultiprocessor")
-    return max(1, int(blocks))
 
 
 @functools.cache
@@ -949,15 +901,12 @@ class MmaConfig:
     """How one call runs: `warps` per block (K split that many ways: 1, 2, 4, 8 or 16), a ring
     of `stages` slots per warp, `tiles` 16-row output tiles per block (a block shape of
     BLOCK_SHAPES, or of TWO_TILE_SHAPES for 2 tiles, which take up to 8 rows of x); early_start
-    None: programmatic dependent launch where pdl.active says so (graph capture). persistent: a
-    grid of at most one wave of blocks, each going on from tile to tile (PERSISTENT_SHAPES, up to
-    8 rows, K / 128 pairs a multiple of warps * stages: see persistent_fits)."""
+    None: programmatic dependent launch where pdl.active says so (graph capture)."""
 
     warps: int = 8
     stages: int = 4
     early_start: bool | None = None
     tiles: int = 1
-    persistent: bool = False
 
     def __post_init__(self):
         shapes = {1: BLOCK_SHAPES, 2: TWO_TILE_SHAPES}.get(self.tiles)
@@ -967,15 +916,6 @@ class MmaConfig:
             raise ValueError(f"no W4A16 kernel for {self.warps} warps with a ring of {self.stages} and {self.tiles} "
                              f"tile(s) per block: one tile takes warps 1-8 with rings of 4, 5 or 8 slots and 16 warps "
                              f"with 4 or 5; two tiles take warps 1-8 with rings of 3 or 4 and 16 warps with 3")
-        if self.persistent and (self.tiles != 1 or (block_threads(self.warps), self.stages) not in PERSISTENT_SHAPES):
-            raise ValueError(f"persistent W4A16 blocks take one tile, warps 1-8 and a ring of 4; got {self}")
-
-
-def persistent_fits(config: MmaConfig, k: int, rows: int) -> bool:
-    """Whether persistent blocks of `config` can run an [rows, k] call: every warp's share of the
-    K / 128 pairs a multiple of its ring (its slots stay in step from tile to tile), up to 8 rows."""
-    pairs = k // 128
-    return rows <= 8 and pairs % config.warps == 0 and (pairs // config.warps) % config.stages == 0
 
 
 def _preferred_config(n: int, k: int, num_sms: int, rows: int) -> MmaConfig:
@@ -996,12 +936,7 @@ def _preferred_config(n: int, k: int, num_sms: int, rows: int) -> MmaConfig:
     against 16.2); at every M with 4 warps where 8 would get fewer than 4 pairs (1B gate_up,
     M = 1: 8.7 against 9.6, M = 4: 9.8 against 10.4). They lost at M = 2 (8B down 13.6 against
     13.1), where the grid takes several waves (8B gate_up, M = 4: 30.7 against 27.4) or leaves
-    SMs idle (1B down). EDGELLM_MMA_TWO_TILES=0 turns them off, for measuring.
-
-    Where the one-tile grid takes more than one wave of 4 blocks per SM (8B gate_up: 1792 tiles,
-    3.4 waves on 132 SMs; ncu of the decode graph: the SMs idle 13% of the kernel), its blocks
-    are persistent where the pairs divide evenly: one wave, each block going on to its next tile
-    with its loads in flight. EDGELLM_MMA_PERSISTENT=0 turns that off, for measuring."""
+    SMs idle (1B down). EDGELLM_MMA_TWO_TILES=0 turns them off, for measuring."""
     warps = 8
     while warps > 1 and k // 128 < 2 * warps:
         warps //= 2
@@ -1013,10 +948,6 @@ def _preferred_config(n: int, k: int, num_sms: int, rows: int) -> MmaConfig:
             return MmaConfig(8, 4, tiles=2)
         if two_tiles and 4 * 4 <= pairs < 4 * 8:
             return MmaConfig(4, 4, tiles=2)
-        persistent = MmaConfig(warps, RING_STAGES[0], persistent=True)
-        if (tiles > 4 * num_sms and persistent_fits(persistent, k, rows)
-                and os.environ.get("EDGELLM_MMA_PERSISTENT", "1") != "0"):
-            return persistent
         return MmaConfig(warps, RING_STAGES[0])
     if pairs >= 2 * 16:
         if two_tiles and rows >= 4 and pairs >= 4 * 16 and 10 * -(-tiles // 2) >= 9 * num_sms:
@@ -1045,9 +976,6 @@ def pick_config(n: int, k: int, num_sms: int, rows: int = 1, shared_limit: int |
 def _smaller_configs(config: MmaConfig):
     """config, then the ones pick_config falls back to, each needing less shared memory."""
     threads = block_threads(config.warps)
-    if config.persistent:
-        yield config
-        config = MmaConfig(config.warps, config.stages, config.early_start)
     shapes = TWO_TILE_SHAPES if config.tiles == 2 else BLOCK_SHAPES
     for stages in sorted((st for th, st in shapes if th == threads and st <= config.stages), reverse=True):
         yield MmaConfig(config.warps, stages, config.early_start, config.tiles)
@@ -1063,10 +991,9 @@ def batch_block(rows: int) -> int:
 
 
 def shared_bytes(config: MmaConfig, mb: int, split_group: bool) -> int:
-    """Dynamic shared memory of one block: the warps' rings (weights, then scale/zero), then the
-    cross-warp sums (persistent: two buffers of them)."""
+    """Dynamic shared memory of one block: the warps' rings (weights, then scale/zero), then the cross-warp sums."""
     ring = config.warps * config.stages * config.tiles * (1024 + 256 * (2 if split_group else 1))
-    return ring + (2 if config.persistent else 1) * (config.warps - 1) * config.tiles * 4 * mb * 32 * 4
+    return ring + (config.warps - 1) * config.tiles * 4 * mb * 32 * 4
 
 
 @dataclasses.dataclass
@@ -1156,9 +1083,6 @@ def w4a16_mma_linear(x: torch.Tensor, w: MmaWeights, bias: torch.Tensor | None =
         cfg = config or pick_config(w.n, k, sm_count(x.device), rows, limit, split_group)
         if cfg.tiles == 2 and mb > 1:
             raise ValueError(f"two-tile blocks take up to 8 rows of x per launch, got {rows}")
-        if cfg.persistent and not persistent_fits(cfg, k, rows):
-            raise ValueError(f"persistent blocks of {cfg} need up to 8 rows and K / 128 pairs a multiple of "
-                             f"warps * stages; got {rows} rows, K = {k}: leave config to pick_config")
         shared = shared_bytes(cfg, mb, split_group)
         if shared > limit:
             raise ValueError(f"{cfg} needs {shared} bytes of shared memory per block for "
@@ -1166,12 +1090,8 @@ def w4a16_mma_linear(x: torch.Tensor, w: MmaWeights, bias: torch.Tensor | None =
                              f"chooses one that fits)")
         early_start = pdl.active(x.device) if cfg.early_start is None else cfg.early_start
         xs, outs = x[m0:m0 + rows], out[m0:m0 + rows]
-        entry = entry_name(mb, cfg.stages, split_group, block_threads(cfg.warps), cfg.tiles, cfg.persistent)
-        blocks = -(-w.n // (16 * cfg.tiles))
-        if cfg.persistent:  # one wave: as many blocks as fit on the SMs at once, the tiles shared out evenly
-            rounds = -(-blocks // (sm_count(x.device) * blocks_per_sm(entry, 32 * cfg.warps, shared, x.device)))
-            blocks = -(-blocks // rounds)
-        _launch(entry, x.device, blocks, 32 * cfg.warps, shared,
+        _launch(entry_name(mb, cfg.stages, split_group, block_threads(cfg.warps), cfg.tiles), x.device,
+                -(-w.n // (16 * cfg.tiles)), 32 * cfg.warps, shared,
                 (xs.data_ptr(), xs.stride(0), rows, w.qweight.data_ptr(), w.scale_zero.data_ptr(),
                  0 if bias is None else bias.data_ptr(), outs.data_ptr(), outs.stride(0), w.n, k, gshift,
                  int(w.gate_up)) + (fold or _NO_FOLD).args(),
