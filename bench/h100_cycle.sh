@@ -19,6 +19,8 @@
 #   decode-no-pdl  the same with programmatic dependent launch off (EDGELLM_PDL=0), under $OUT/no-pdl
 #   decode-no-fold the same with the norm kernels instead of norms folded into the projections (EDGELLM_FOLD_NORMS=0)
 #   decode-one-tile the same with one 16-row tile per W4A16 block at every batch (EDGELLM_MMA_TWO_TILES=0), under $OUT/one-tile
+#   ab          decode steps under each setting of one switch, in turn in one process (bench/ab_decode.py):
+#               AB_SWITCH=NAME=v1,v2 (e.g. EDGELLM_MMA_TWO_TILES=1,0), AB_ROUNDS (3), DECODE_SHAPES (8B)
 #   serve-load  the daemon on a 1B-shape INT4 engine under bench/load.py, 5 min
 # e.g. bash bench/h100_cycle.sh tests profile decode-ours
 # The generated gRPC message code is ignored by git: carry runtime/edgellm/v1/*_pb2.py.
@@ -28,7 +30,7 @@ export PYTHONPATH=$PWD/runtime:$PWD/tests PYTHONUNBUFFERED=1 TRITON_CACHE_DIR=/t
     EDGELLM_KERNEL_CACHE=/tmp/edgellm-kernel-cache/edgellm
 OUT=${OUT:-out}
 mkdir -p "$OUT"
-[ $# -gt 0 ] || { sed -n 2,23p "$0" >&2; exit 2; }
+[ $# -gt 0 ] || { sed -n 2,25p "$0" >&2; exit 2; }
 for step in "$@"; do
     echo "=== $step ($(date +%T))"
     case $step in
@@ -108,6 +110,10 @@ for step in "$@"; do
         mkdir -p "$OUT/one-tile"
         EDGELLM_MMA_TWO_TILES=0 timeout 300 python3 bench/decode.py --out "$OUT/one-tile" --skip-hf ${DECODE_SHAPES:+--shapes "$DECODE_SHAPES"} 2>&1 \
             | tee "$OUT/one-tile/decode.txt" | tail -12
+        ;;
+    ab)
+        timeout 400 python3 bench/ab_decode.py --switch "${AB_SWITCH:?AB_SWITCH=NAME=v1,v2}" --rounds "${AB_ROUNDS:-3}" \
+            --shapes "${DECODE_SHAPES:-llama-3.1-8b}" --out "$OUT" 2>&1 | tee "$OUT/ab-decode.txt" | grep -v "^  batch" | tail -40
         ;;
     decode-no-pdl)
         mkdir -p "$OUT/no-pdl"

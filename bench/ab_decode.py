@@ -1,0 +1,93 @@
+"""Decode steps under two (or more) settings of one environment switch, side by side in one
+process: the engine is built once, then loaded, warmed up (graphs captured under the setting)
+and measured with bench/decode.py's serving-loop steps once per setting, in turn, for several
+rounds, so that drift of the GPU's clocks falls on every setting alike.
+
+    python3 bench/ab_decode.py --switch EDGELLM_MMA_TWO_TILES=1,0 --rounds 3 --shapes llama-3.1-8b --out $OUT
+
+Prints each round's ms/step, then a table of medians over the rounds and the ratio of each
+setting's step to the first's; writes ab-decode.json under --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from decode import BATCHES, bench_engine, log, measure_bandwidth  # noqa: E402
+from edgellm.engine.random_engine import write_random_engine  # noqa: E402
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--switch", required=True, help="NAME=value1,value2[,...]: the settings to compare")
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--shapes", default="llama-3.1-8b")
+    ap.add_argument("--out", type=Path, default=Path("out"))
+    args = ap.parse_args()
+    name, _, values = args.switch.partition("=")
+    settings = values.split(",")
+    if not name or len(settings) < 2:
+        ap.error("--switch takes NAME=value1,value2: at least two settings of one variable")
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    from edgellm.engine.demo_tokenizer import train_demo_tokenizer
+    from edgellm.engine.runner import Engine, device_sm
+
+    sm = device_sm(torch.device("cuda"))
+    bandwidth = measure_bandwidth()
+    log(f"GPU: {torch.cuda.get_device_name()} (SM {sm}); copy bandwidth {bandwidth / 1e12:.3f} TB/s")
+    work = Path(tempfile.mkdtemp(prefix="edgellm-ab-"))
+    tok_dir = work / "tokenizer"
+    tok_dir.mkdir()
+    train_demo_tokenizer(tok_dir)
+    results: dict = {"switch": name, "settings": settings, "bandwidth_Bps": bandwidth, "shapes": {}}
+    for shape in args.shapes.split(","):
+        engine_dir = work / shape
+        t0 = time.perf_counter()
+        write_random_engine(engine_dir, shape, tok_dir, max_batch=max(BATCHES), max_seq_len=4096, target_sms=[sm], device="cuda")
+        log(f"== {shape}: wrote engine in {time.perf_counter() - t0:.1f} s")
+        runs: dict[str, list[dict]] = {v: [] for v in settings}
+        for r in range(args.rounds):
+            for value in settings:
+                os.environ[name] = value
+                engine = Engine.load(engine_dir, device="cuda")
+                engine.warm_up()  # the graphs are captured under this setting
+                log(f"  round {r + 1}, {name}={value}")
+                runs[value].append(bench_engine(engine, bandwidth)["decode"])
+                engine.free()
+                del engine
+                torch.cuda.empty_cache()
+        table = []
+        for value in settings:
+            for i, b in enumerate(row["batch"] for row in runs[value][0]):
+                step = statistics.median(run[i]["step_ms"] for run in runs[value])
+                table.append({"setting": value, "batch": b, "step_ms": step,
+                              "step_ms_rounds": [run[i]["step_ms"] for run in runs[value]],
+                              "roofline_pct": 100 * runs[value][0][i]["floor_ms"] / step})
+        first = {row["batch"]: row["step_ms"] for row in table if row["setting"] == settings[0]}
+        for row in table:
+            row["vs_first"] = row["step_ms"] / first[row["batch"]]
+        results["shapes"][shape] = table
+        (args.out / "ab-decode.json").write_text(json.dumps(results, indent=2))
+        print(f"\n{shape}: {name}, median of {args.rounds} rounds (ms/step; ratio to {name}={settings[0]})")
+        print(f"{'setting':>8} {'batch':>5} {'ms/step':>8} {'roofline':>8} {'ratio':>6}  rounds")
+        for row in table:
+            rounds = " ".join(f"{t:.3f}" for t in row["step_ms_rounds"])
+            print(f"{row['setting']:>8} {row['batch']:>5} {row['step_ms']:>8.3f} {row['roofline_pct']:>7.1f}% "
+                  f"{row['vs_first']:>6.3f}  {rounds}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
