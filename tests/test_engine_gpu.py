@@ -115,14 +115,15 @@ def test_the_engine_says_which_kernel_runs_its_int4_projections(demo_engine):
     if not w4a16_cuda.available()[0]:
         pytest.skip(w4a16_cuda.available()[1])
     print(f"INT4 projections: {engine.int4_kernel}")
-    assert engine.int4_kernel == "tensor-core (NVRTC)"
+    assert engine.int4_kernel == "tensor-core (CUDA)"
     assert engine.int4_fallback is None
 
 
 def test_an_engine_with_shipped_kernels_loads_without_compiling(demo_engine, tmp_path):
     """The demo engine built on this GPU host ships the tensor-core kernels for its SM; a fresh
-    process with an empty kernel cache, in which NVRTC compiling is made to fail, loads it and
-    generates the tokens this process generates."""
+    process with an empty kernel cache, in which NVRTC compiling is made to fail, loads it, runs
+    its INT4 projections on the tensor-core kernel and generates the tokens this process
+    generates; also where NVRTC cannot be reached at all."""
     import os
     import subprocess
     import sys
@@ -140,21 +141,28 @@ def test_an_engine_with_shipped_kernels_loads_without_compiling(demo_engine, tmp
     engine = Engine.load(demo_engine, device="cuda")
     engine.eos_ids = set()
     want = generate(engine, [PROMPTS[0]], [params])[0].token_ids
-    script = (
-        "import sys\n"
-        "from edgellm.engine.kernels import w4a16_cuda\n"
-        "def refuse(*args): raise AssertionError('the kernels were compiled at load')\n"
-        "w4a16_cuda._nvrtc_compile = refuse\n"
-        "from edgellm.engine.generate import generate\n"
-        "from edgellm.engine.runner import Engine\n"
-        "from edgellm.engine.sampling import SamplingParams\n"
-        "engine = Engine.load(sys.argv[1], device='cuda')\n"
-        "engine.eos_ids = set()\n"
-        f"print(generate(engine, [{PROMPTS[0]!r}], [SamplingParams(max_new_tokens=8)])[0].token_ids)\n"
-    )
-    env = dict(os.environ, EDGELLM_KERNEL_CACHE=str(tmp_path / "empty-cache"))
-    run = subprocess.run([sys.executable, "-c", script, str(demo_engine)], capture_output=True, text=True, env=env,
-                         timeout=300)
-    assert run.returncode == 0, run.stderr[-2000:]
-    print(f"fresh process, shipped kernels: {run.stdout.strip()}")
-    assert run.stdout.strip().splitlines()[-1] == str(want)
+    for nvrtc in (True, False):
+        script = (
+            "import sys\n"
+            "from edgellm.engine import kernels\n"
+            "from edgellm.engine.kernels import w4a16_cuda\n"
+            "def refuse(*args): raise AssertionError('the kernels were compiled at load')\n"
+            "w4a16_cuda._nvrtc_compile = refuse\n"
+            # Without NVRTC: a device with no CUDA toolkit, where nvrtc_usable finds no libnvrtc and
+            # the engine's shipped kernels are the only tensor-core ones there are.
+            + ("" if nvrtc else "kernels.nvrtc_usable = w4a16_cuda.nvrtc_usable = lambda: (False, 'no libnvrtc')\n")
+            + "from edgellm.engine.generate import generate\n"
+            "from edgellm.engine.runner import Engine\n"
+            "from edgellm.engine.sampling import SamplingParams\n"
+            "engine = Engine.load(sys.argv[1], device='cuda')\n"
+            "engine.eos_ids = set()\n"
+            "print(engine.int4_kernel)\n"
+            f"print(generate(engine, [{PROMPTS[0]!r}], [SamplingParams(max_new_tokens=8)])[0].token_ids)\n"
+        )
+        env = dict(os.environ, EDGELLM_KERNEL_CACHE=str(tmp_path / f"empty-cache-nvrtc-{nvrtc}"))
+        run = subprocess.run([sys.executable, "-c", script, str(demo_engine)], capture_output=True, text=True, env=env,
+                             timeout=300)
+        assert run.returncode == 0, run.stderr[-2000:]
+        print(f"fresh process, shipped kernels, {'with' if nvrtc else 'without'} NVRTC: {run.stdout.strip()}")
+        *_, kernel, tokens = run.stdout.strip().splitlines()
+        assert kernel == "tensor-core (CUDA)" and tokens == str(want)

@@ -70,6 +70,24 @@ def test_the_runtime_takes_the_kernels_an_engine_ships(tmp_path, monkeypatch):
     assert (tmp_path / "cache" / name).read_bytes() == b"compiled at build time"
 
 
+def test_shipped_or_cached_kernels_need_no_nvrtc(tmp_path, monkeypatch):
+    """The tensor-core kernels for an SM are at hand, whether or not NVRTC is here, once an engine
+    loaded in this process shipped them or a start before this one cached them (w4a16_cuda.available
+    then takes them on a device without NVRTC); for another SM they are not."""
+    monkeypatch.setenv("EDGELLM_KERNEL_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(w4a16_cuda, "_shipped", {})
+    assert not w4a16_cuda.kernels_at_hand(89) and not w4a16_cuda.kernels_at_hand(87)
+    engine = tmp_path / "engine"
+    (engine / "kernels").mkdir(parents=True)
+    name = w4a16_cuda.cubin_name(89)
+    (engine / "kernels" / name).write_bytes(b"compiled at build time")
+    w4a16_cuda.use_engine_kernels(engine, [f"kernels/{name}"], 89)
+    assert w4a16_cuda.kernels_at_hand(89) and not w4a16_cuda.kernels_at_hand(87)
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / w4a16_cuda.cubin_name(87)).write_bytes(b"cached by an earlier start")
+    assert w4a16_cuda.kernels_at_hand(87)
+
+
 def test_kernels_from_other_source_have_another_name():
     """A runtime whose kernel source differs (another version) never takes an older cubin."""
     names = {w4a16_cuda.cubin_name(sm) for sm in (80, 87, 89, 90)}

@@ -369,27 +369,33 @@ class Doctor:
                      f"{manifest.min_runtime_version}")
 
     def check_gpu_kernels(self) -> Check:
-        """Whether INT4 engines can run the tensor-core kernel here (NVRTC), and whether the current
-        engine ships it compiled for this SM or the daemon compiles it at its first start."""
+        """Whether INT4 engines can run the tensor-core kernel here: the current engine ships it
+        compiled for this SM, or NVRTC compiles it at the daemon's first start."""
         ident = self.identity()
         if ident is None or ident.is_cpu:
             return Check("gpu-kernels", SKIP, "no GPU (see gpu)")
         from edgellm.engine.kernels import ENGINE_KERNELS_DIR, cubin_prefix, nvrtc_usable
 
         usable, detail = nvrtc_usable()
-        if not usable:
-            return Check("gpu-kernels", WARN, f"{detail}: INT4 engines run Triton's slower kernel instead of the "
-                         "tensor-core one, or dequantized fp16 weights (4x the memory) without Triton",
-                         "install NVRTC for this CUDA version (the CUDA toolkit's cuda-nvrtc package, or "
-                         "pip install nvidia-cuda-nvrtc-cu12 into the system Python), then restart edgellm")
         manifest = self._current.manifest if self._current is not None else None
-        if manifest is None or manifest.quantization.get("scheme") == "fp16":
-            return Check("gpu-kernels", OK, f"{detail}: INT4 engines run the tensor-core kernel")
+        int4 = manifest is not None and manifest.quantization.get("scheme") != "fp16"
         major, _, minor = ident.sm.partition(".")
         prefix = f"{ENGINE_KERNELS_DIR}/{cubin_prefix(10 * int(major) + int(minor))}"
-        if any(rel.startswith(prefix) for rel in manifest.files):
+        ships = int4 and any(rel.startswith(prefix) for rel in manifest.files)
+        if ships:
+            how = "" if usable else " (no NVRTC here: an engine pushed without them would not)"
             return Check("gpu-kernels", OK, f"{detail}; engine {manifest.engine_id} ships its kernels compiled for "
-                         f"SM {ident.sm}")
+                         f"SM {ident.sm}: INT4 runs the tensor-core kernel{how}")
+        if not usable:
+            shipped = f"engine {manifest.engine_id} ships no kernels for SM {ident.sm}" if int4 else "no engine here ships them"
+            return Check("gpu-kernels", WARN, f"{detail}, and {shipped}: INT4 engines without the tensor-core "
+                         "kernels compiled for this SM run Triton's slower kernel instead, or "
+                         "dequantized fp16 weights (4x the memory) without Triton",
+                         f"build engines with --target-sm {ident.sm} on a host with NVRTC (they then ship the kernels), "
+                         "or install NVRTC for this CUDA version (the CUDA toolkit's cuda-nvrtc package, or pip "
+                         "install nvidia-cuda-nvrtc-cu12 into the system Python), then restart edgellm")
+        if not int4:
+            return Check("gpu-kernels", OK, f"{detail}: INT4 engines run the tensor-core kernel")
         return Check("gpu-kernels", OK, f"{detail}; engine {manifest.engine_id} ships no kernels for SM {ident.sm}: "
                      "the daemon compiles them at its first start (seconds, minutes on an Orin) and caches them")
 

@@ -172,8 +172,9 @@ def write_engine_kernels(engine_dir: Path, target_sms: list[str], progress: Call
     """The INT4 tensor-core kernels compiled for each CUDA target SM (8.0 and newer) into
     engine_dir/kernels, with NVRTC on this host (no GPU needed): a device then loads them instead
     of compiling them at its first start. Their paths relative to engine_dir, for the manifest
-    (which hashes them like every file: the engine's signature covers them). Without NVRTC here
-    the engine is still complete: each device compiles the kernels once and caches them."""
+    (which hashes them like every file: the engine's signature covers them), and a device without
+    NVRTC runs them too. Without NVRTC here the engine is still complete: each device with NVRTC
+    compiles the kernels once and caches them; one without runs Triton's slower kernel."""
     from edgellm.engine.kernels import nvrtc_usable, w4a16_cuda
 
     sms = [sm for sm in target_sms if sm != CPU_TARGET]
@@ -181,7 +182,8 @@ def write_engine_kernels(engine_dir: Path, target_sms: list[str], progress: Call
         return []
     usable, why = nvrtc_usable()
     if not usable:
-        progress(f"compiled GPU kernels not included ({why}); each device compiles them at its first start, then caches them")
+        progress(f"compiled GPU kernels not included ({why}); each device compiles them at its first start, then "
+                 "caches them, where it has NVRTC (one without runs the slower Triton kernel)")
         return []
     files = []
     for sm in sms:

@@ -117,8 +117,9 @@ class Engine:
     @functools.cached_property
     def int4_kernel(self) -> str:
         """What runs the INT4 projections on this device, for operators: the tensor-core kernel
-        (NVRTC), Triton's, or weights dequantized at load; "" for an fp16 engine."""
-        names = {"mma": "tensor-core (NVRTC)", "triton": "Triton",
+        (CUDA, shipped by the engine or compiled here with NVRTC), Triton's, or weights dequantized
+        at load; "" for an fp16 engine."""
+        names = {"mma": "tensor-core (CUDA)", "triton": "Triton",
                  "dense": "dequantized fp32 (CPU)" if self.device.type == "cpu" else "dequantized fp16"}
         counts = collections.Counter(layer.path for layer in self._int4_layers())
         if len(counts) == 1:
@@ -138,8 +139,10 @@ class Engine:
 
         ok, why = w4a16_cuda.available()
         if not ok:
-            reason = (f"the tensor-core kernel cannot run here ({why}); install NVRTC for this CUDA version "
-                      "(libnvrtc: the CUDA toolkit's cuda-nvrtc package, or pip's nvidia-cuda-nvrtc-cu12) and restart")
+            reason = (f"the tensor-core kernel cannot run here ({why}); rebuild the engine with this device's SM "
+                      "among its --target-sm on a build host with NVRTC (it then ships the kernels), or install "
+                      "NVRTC for this CUDA version here (libnvrtc: the CUDA toolkit's cuda-nvrtc package, or pip's "
+                      "nvidia-cuda-nvrtc-cu12) and restart")
         elif any(layer.in_features % 128 for layer in slow):
             k = next(layer.in_features for layer in slow if layer.in_features % 128)
             reason = (f"in-features of {k}, not a multiple of 128 as the tensor-core kernel needs (a property of the "

@@ -554,15 +554,26 @@ SLICED_ROWS = 2 * MAX_ROWS  # up to this many rows run as slices; beyond, dequan
 
 
 
-@functools.cache
 def available() -> tuple[bool, str]:
-    """(True, "") when cuda-python, NVRTC and a CUDA GPU with tensor cores (SM >= 8.0) are here, else (False, why)."""
+    """(True, "") when a CUDA GPU with tensor cores (SM >= 8.0) is here and the kernels for its SM
+    are at hand: compiled for it at build time (shipped by an engine loaded in this process, see
+    use_engine_kernels, or in the kernel cache), or compilable here with NVRTC; else (False, why).
+    A device without NVRTC (an x86 box without the CUDA toolkit) runs the kernels an engine ships."""
     if not torch.cuda.is_available():
         return False, "no CUDA GPU"
-    if torch.cuda.get_device_capability() < (8, 0):
+    major, minor = torch.cuda.get_device_capability()
+    if (major, minor) < (8, 0):
         return False, "the W4A16 tensor-core kernel needs SM 8.0 or newer"
+    if kernels_at_hand(10 * major + minor):
+        return True, ""
     usable, why = nvrtc_usable()
-    return usable, "" if usable else why
+    return usable, "" if usable else f"{why}, and the engine ships no kernels compiled for SM {major}.{minor}"
+
+
+def kernels_at_hand(sm: int) -> bool:
+    """Whether this runtime's kernels for SM `sm` need no compiling: shipped by a loaded engine or in the cache."""
+    name = cubin_name(sm)
+    return name in _shipped or (cache_dir() / name).is_file()
 
 
 def supports(k: int, group_size: int) -> bool:
@@ -631,6 +642,12 @@ def _source() -> str:
 def cubin_name(sm: int) -> str:
     """The file name of the kernels compiled for SM `sm` (e.g. 90) from this runtime's source: a
     cubin built from other source (another runtime version) has another name and is not used."""
+    return _cubin_name(SOURCE, sm)
+
+
+@functools.lru_cache(maxsize=32)
+def _cubin_name(source: str, sm: int) -> str:
+    """(cubin_name, remembered per source text: an engine's load asks once per INT4 layer)"""
     key = hashlib.sha256(_source().encode() + f"sm_{sm}".encode()).hexdigest()[:16]
     return f"{cubin_prefix(sm)}{key}.cubin"
 
