@@ -310,7 +310,8 @@ class Transformer(nn.Module):
         b, t, d = x.shape
         h = x.reshape(b * t, d)  # the residual stream, updated in place by the projections
         n = len(self.layers)
-        sumsq = torch.empty(2 * n + 1, b * t, dtype=torch.float32, device=x.device)  # each norm's sums of squares
+        # each norm's sums of squares, fp64: summed exactly whatever the order of the kernels' atomics (w4a16_cuda.Fold)
+        sumsq = torch.empty(2 * n + 1, b * t, dtype=torch.float64, device=x.device)
         scaled = fused.start_folded_norms(h, self.layers[0].attention_norm.weight, sumsq)
         for i, layer in enumerate(self.layers):
             next_norm = self.layers[i + 1].attention_norm if i + 1 < n else None

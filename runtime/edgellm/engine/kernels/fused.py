@@ -72,13 +72,14 @@ def start_folded_norms(h: torch.Tensor, weight: torch.Tensor, sumsq: torch.Tenso
     """The start of a decode step whose norms are folded into the INT4 projections
     (w4a16_cuda.Fold): h [M, D] fp16 is the residual stream (the embeddings), `weight` the
     first norm's. Returns h * weight (fp16 [M, D]) and writes sumsq[0, m] = sum(h[m]^2)
-    and zero into the rest of sumsq ([norms, M] fp32: the later norms' sums are added up by
-    the projections before them)."""
+    and zero into the rest of sumsq ([norms, M] fp64: the later norms' sums are added up by
+    the projections before them, exactly in any order)."""
     _require_triton()
     rows, d = h.shape
-    if h.stride(1) != 1 or sumsq.dim() != 2 or sumsq.shape[1] != rows or not sumsq.is_contiguous():
-        raise ValueError(f"expected h [M, D] contiguous in D and sumsq [norms, M] contiguous; got h {tuple(h.shape)}, "
-                         f"sumsq {tuple(sumsq.shape)}")
+    if (h.stride(1) != 1 or sumsq.dim() != 2 or sumsq.shape[1] != rows or not sumsq.is_contiguous()
+            or sumsq.dtype != torch.float64):
+        raise ValueError(f"expected h [M, D] contiguous in D and sumsq [norms, M] contiguous fp64; got h "
+                         f"{tuple(h.shape)}, sumsq {tuple(sumsq.shape)} {sumsq.dtype}")
     scaled = torch.empty(rows, d, dtype=h.dtype, device=h.device)
     if rows:
         block = triton.next_power_of_2(d)
@@ -184,7 +185,7 @@ if triton is not None:
         tl.store(scaled_ptr + row * D + cols, (x * w).to(tl.float16), mask=mask)
         norms = tl.arange(0, BLOCK_NORMS)
         sums = tl.where(norms == 0, tl.sum(x * x, axis=0), 0.0)
-        tl.store(sumsq_ptr + norms * M + row, sums, mask=norms < NORMS)
+        tl.store(sumsq_ptr + norms * M + row, sums.to(tl.float64), mask=norms < NORMS)
 
     @triton.jit
     def _rope_kv_kernel(qkv_ptr, pos_ptr, slot_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr, v_ptr,

@@ -151,9 +151,14 @@ __device__ __forceinline__ void wait_for_previous_kernel() {
 //                   of squares: out = (x W^T) * rsqrt(in_sumsq[m] / K + eps) (+ bias).
 //   add_to_out:     out is the residual stream: out += the result (fp16 before and after the add).
 //   out_sumsq:      += the sum over n of out[m, n]^2 (the new residual; one atomic per tile and row).
+//                   Both sums are fp64: each tile's fp32 sum adds into them exactly (fp64 holds the
+//                   sum of a row's tiles without rounding where they span less than 2^21), so the
+//                   order in which the tiles' atomics land does not change the result: decode is the
+//                   same bit for bit from run to run (an fp32 sum rounded differently by the order,
+//                   and a near tie between two tokens then went either way).
 //   next_weight, scaled, stride_scaled: scaled[m, n] = out[m, n] * next_weight[n] (the next norm's x).
 struct Fold {
-    const float* in_sumsq; float eps; int add_to_out; float* out_sumsq;
+    const double* in_sumsq; float eps; int add_to_out; double* out_sumsq;
     const u16* next_weight; u16* scaled; long long stride_scaled;
 };
 
@@ -171,7 +176,7 @@ __device__ __forceinline__ void store_tile(
 #pragma unroll
             for (int e = 0; e < 2; ++e) {
                 const int m = 8 * mb + 2 * t + e;
-                const float inv_rms = m < M ? rsqrtf(fold.in_sumsq[m] / (float)K + fold.eps) : 0.f;
+                const float inv_rms = m < M ? rsqrtf((float)fold.in_sumsq[m] / (float)K + fold.eps) : 0.f;
                 acc[mb][e] *= inv_rms;
                 acc[mb][2 + e] *= inv_rms;
             }
@@ -240,7 +245,7 @@ __device__ __forceinline__ void store_tile(
                 s += __shfl_xor_sync(0xffffffffu, s, 8);
                 s += __shfl_xor_sync(0xffffffffu, s, 16);
                 const int m = 8 * mb + 2 * t + e;
-                if (g == 0 && m < M) atomicAdd(fold.out_sumsq + m, s);
+                if (g == 0 && m < M) atomicAdd(fold.out_sumsq + m, (double)s);
             }
     }
 }
@@ -440,7 +445,7 @@ __device__ __forceinline__ void w4a16_mma(
     extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) NAME(                               \
         const u16* x, long long stride_xm, int M, const uint4* qw, const uint2* sz,                       \
         const u16* bias, u16* out, long long stride_om, int N, int K, int gshift, int gate_up,            \
-        const float* in_sumsq, float eps, int add_to_out, float* out_sumsq, const u16* next_weight,       \
+        const double* in_sumsq, float eps, int add_to_out, double* out_sumsq, const u16* next_weight,     \
         u16* scaled, long long stride_scaled) {                                                           \
         extern __shared__ __align__(16) unsigned char smem[];                                             \
         const Fold fold{in_sumsq, eps, add_to_out, out_sumsq, next_weight, scaled, stride_scaled};        \
@@ -1026,18 +1031,19 @@ class Fold:
     runs between the two. Rounding: h * weight is rounded to fp16 where the norm rounds
     h * rsqrt(..) * weight; both are one fp16 rounding of the same product up to a row factor."""
 
-    in_sumsq: torch.Tensor | None = None  # [M] fp32
+    in_sumsq: torch.Tensor | None = None  # [M] fp64 (see the kernel's Fold: run-to-run exact sums)
     eps: float = 0.0
     add_to_out: bool = False
-    out_sumsq: torch.Tensor | None = None  # [M] fp32
+    out_sumsq: torch.Tensor | None = None  # [M] fp64
     next_weight: torch.Tensor | None = None  # [N] fp16
     scaled: torch.Tensor | None = None  # [M, N] fp16
 
     def check(self, m: int, n: int, gate_up: bool) -> None:
         for name in ("in_sumsq", "out_sumsq"):
             t = getattr(self, name)
-            if t is not None and (t.dtype != torch.float32 or t.numel() < m or not t.is_contiguous()):
-                raise ValueError(f"Fold.{name} must be a contiguous fp32 tensor of >= {m} rows")
+            if t is not None and (t.dtype != torch.float64 or t.numel() < m or not t.is_contiguous()):
+                raise ValueError(f"Fold.{name} must be a contiguous fp64 tensor of >= {m} rows, got {t.dtype} "
+                                 f"[{t.numel()}]")
         if (self.next_weight is None) != (self.scaled is None):
             raise ValueError("Fold.next_weight and Fold.scaled go together")
         if self.next_weight is not None and (self.next_weight.dtype != torch.float16 or self.next_weight.shape != (n,)
