@@ -35,9 +35,10 @@ def test_graph_replayed_decode_equals_eager_decode(demo_engine):
     params = SamplingParams(max_new_tokens=48)
     for engine in (eager, graphed):
         engine.eos_ids = set()
-    # Decode is the same bit for bit from run to run (the only atomics, the folded norms' sums of
-    # squares, add in fp64, exactly in any order), so the tokens must be equal, near ties included:
-    # the random demo engine has many (with fp32 sums, one GPU suite run on 2026-12-04 failed here).
+    # Decode repeats from run to run (the only atomics, the folded norms' sums of squares, add in
+    # fp64, where their order does not reach the fp32 value the next norm reads), so the tokens
+    # must be equal, near ties included: the random demo engine has many (with fp32 sums, one GPU
+    # suite run on 2026-12-04 failed here).
     for batch in ([PROMPTS[0]], PROMPTS[:2]):
         want = [r.token_ids for r in generate(eager, batch, [params] * len(batch))]
         got = [r.token_ids for r in generate(graphed, batch, [params] * len(batch))]

@@ -151,11 +151,12 @@ __device__ __forceinline__ void wait_for_previous_kernel() {
 //                   of squares: out = (x W^T) * rsqrt(in_sumsq[m] / K + eps) (+ bias).
 //   add_to_out:     out is the residual stream: out += the result (fp16 before and after the add).
 //   out_sumsq:      += the sum over n of out[m, n]^2 (the new residual; one atomic per tile and row).
-//                   Both sums are fp64: each tile's fp32 sum adds into them exactly (fp64 holds the
-//                   sum of a row's tiles without rounding where they span less than 2^21), so the
-//                   order in which the tiles' atomics land does not change the result: decode is the
-//                   same bit for bit from run to run (an fp32 sum rounded differently by the order,
-//                   and a near tie between two tokens then went either way).
+//                   Both sums are fp64 and read as fp32: a row's tile sums (fp32) add exactly in fp64
+//                   where they span less than 2^21 in magnitude, and beyond that round ~20 bits
+//                   below what the fp32 read keeps, so the order in which the tiles' atomics land
+//                   changes what the next norm uses only where the sum lies that close to an fp32
+//                   rounding boundary (~1 in 10^6): decode repeats from run to run (with fp32 sums the
+//                   order rounded their last bits, and a near tie between two tokens went either way).
 //   next_weight, scaled, stride_scaled: scaled[m, n] = out[m, n] * next_weight[n] (the next norm's x).
 struct Fold {
     const double* in_sumsq; float eps; int add_to_out; double* out_sumsq;
