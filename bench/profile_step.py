@@ -124,9 +124,11 @@ def main() -> int:
               "(what it adds to the step, early starts overlapped); sums to the step")
         print_table(in_graph)
         if sequence:
-            print("the step's first and last kernels in order (median us each adds):")
+            print("the step's first and last kernels in order (median us: what each adds to the step, its own "
+                  "duration, its start after the previous kernel's end):")
             for r in sequence[:13] + sequence[-6:]:
-                print(f"  {r['position']:4d} {r['us']:8.2f}  {r['kernel'][:90]}")
+                print(f"  {r['position']:4d} {r['us']:8.2f} {r['own_us']:8.2f} {r['start_after_previous_end_us']:8.2f}  "
+                      f"{r['kernel'][:80]}")
     else:
         print("(the profiler recorded no kernels inside the graph replays)")
     return 0
@@ -185,12 +187,14 @@ def marginal_table(prof, steps: int) -> tuple[list[dict], list[dict]]:
     the kernel before it, per kernel name, and per position in the step (the step's kernels
     in order, median over steps: which projection is which). Under early starts (PDL) a
     kernel's own duration includes its wait for the previous one; this does not, and the
-    rows sum to the step."""
-    kernels = sorted(((e.time_range.end, e.name) for e in prof.events()
+    rows sum to the step. Per position also the kernel's own duration (end minus start) and its
+    start minus the previous kernel's end (negative: it started early, overlapping that one)."""
+    kernels = sorted(((e.time_range.end, e.time_range.start, e.name) for e in prof.events()
                       if e.device_type == torch.autograd.DeviceType.CUDA), key=lambda k: k[0])
     per_kernel: dict[str, list[float]] = collections.defaultdict(list)
-    marginals = [(name, end - prev_end) for (prev_end, _), (end, name) in zip(kernels, kernels[1:])]
-    for name, t in marginals:
+    marginals = [(name, end - prev_end, end - start, start - prev_end)
+                 for (prev_end, _, _), (end, start, name) in zip(kernels, kernels[1:])]
+    for name, t, _, _ in marginals:
         per_kernel[name].append(t)
     rows = [{"kernel": name, "calls_per_step": len(times) / steps, "us_per_step": sum(times) / steps,
              "us_per_call": statistics.median(times)} for name, times in per_kernel.items()]
@@ -198,8 +202,10 @@ def marginal_table(prof, steps: int) -> tuple[list[dict], list[dict]]:
     per_step = len(kernels) // steps if kernels and len(kernels) % steps == 0 else 0
     if per_step:  # position i of step s is marginals[s * per_step + i - 1] (the very first kernel has none)
         for i in range(per_step):
-            times = [marginals[s * per_step + i - 1][1] for s in range(steps) if s * per_step + i >= 1]
-            sequence.append({"position": i, "kernel": kernels[i][1], "us": statistics.median(times)})
+            at = [marginals[s * per_step + i - 1] for s in range(steps) if s * per_step + i >= 1]
+            sequence.append({"position": i, "kernel": kernels[i][2], "us": statistics.median(m[1] for m in at),
+                             "own_us": statistics.median(m[2] for m in at),
+                             "start_after_previous_end_us": statistics.median(m[3] for m in at)})
     return sorted(rows, key=lambda r: -r["us_per_step"]), sequence
 
 
