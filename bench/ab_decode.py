@@ -6,7 +6,9 @@ rounds, so that drift of the GPU's clocks falls on every setting alike.
     python3 bench/ab_decode.py --switch EDGELLM_MMA_TWO_TILES=1,0 --rounds 3 --shapes llama-3.1-8b --out $OUT
 
 Prints each round's ms/step, then a table of medians over the rounds and the ratio of each
-setting's step to the first's; writes ab-decode.json under --out.
+setting's step to the first's; writes ab-decode.json under --out. The switches the runtime reads
+at load or launch work (EDGELLM_MMA_TWO_TILES, EDGELLM_FOLD_NORMS); EDGELLM_PDL, which it
+remembers per process, is forgotten before each load.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ def main() -> int:
     args.out.mkdir(parents=True, exist_ok=True)
 
     from edgellm.engine.demo_tokenizer import train_demo_tokenizer
+    from edgellm.engine.kernels import pdl
     from edgellm.engine.runner import Engine, device_sm
 
     sm = device_sm(torch.device("cuda"))
@@ -61,6 +64,7 @@ def main() -> int:
         for r in range(args.rounds):
             for value in settings:
                 os.environ[name] = value
+                pdl.enabled.cache_clear()  # read once per process otherwise
                 engine = Engine.load(engine_dir, device="cuda")
                 engine.warm_up()  # the graphs are captured under this setting
                 log(f"  round {r + 1}, {name}={value}")
