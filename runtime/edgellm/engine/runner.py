@@ -140,10 +140,6 @@ class Engine:
         ok, why = w4a16_cuda.available()
         if not ok:
             reason = f"the tensor-core kernel cannot run here ({why})"
-            if torch.cuda.get_device_capability(self.device) >= (8, 0):  # then it is the kernels' availability
-                reason += ("; rebuild the engine with this device's SM among its --target-sm on a build host with "
-                           "NVRTC (it then ships the kernels), or install NVRTC for this CUDA version here (libnvrtc: "
-                           "the CUDA toolkit's cuda-nvrtc package, or pip's nvidia-cuda-nvrtc-cu12) and restart")
         elif any(layer.in_features % 128 for layer in slow):
             k = next(layer.in_features for layer in slow if layer.in_features % 128)
             reason = (f"in-features of {k}, not a multiple of 128 as the tensor-core kernel needs (a property of the "

@@ -573,7 +573,12 @@ def available() -> tuple[bool, str]:
     if kernels_at_hand(10 * major + minor):
         return True, ""
     usable, why = nvrtc_usable()
-    return usable, "" if usable else f"{why}, and the engine ships no kernels compiled for SM {major}.{minor}"
+    if usable:
+        return True, ""
+    return False, (f"{why}, and the engine ships no kernels compiled for SM {major}.{minor}: rebuild it with {major}.{minor} "
+                   "among its --target-sm on a build host with NVRTC (it then ships them), or install NVRTC for this "
+                   "CUDA version here (libnvrtc: the CUDA toolkit's cuda-nvrtc package, or pip's "
+                   "nvidia-cuda-nvrtc-cu12) and restart")
 
 
 def kernels_at_hand(sm: int) -> bool:
@@ -638,11 +643,14 @@ def min_blocks_per_sm(mb: int, stages: int, threads: int = 256, tiles: int = 1) 
 _shipped: dict[str, bytes] = {}  # cubin name -> bytes, from the engines loaded in this process
 
 
+def _entries() -> str:
+    return "".join(f"MMA_ENTRY({entry_name(mb, stages, split, threads, tiles)}, {mb}, {stages}, {str(split).lower()}, "
+                   f"{tiles}, {threads}, {min_blocks_per_sm(mb, stages, threads, tiles)})\n"
+                   for mb, stages, split, threads, tiles in ENTRIES)
+
+
 def _source() -> str:
-    entries = "".join(f"MMA_ENTRY({entry_name(mb, stages, split, threads, tiles)}, {mb}, {stages}, {str(split).lower()}, "
-                      f"{tiles}, {threads}, {min_blocks_per_sm(mb, stages, threads, tiles)})\n"
-                      for mb, stages, split, threads, tiles in ENTRIES)
-    return SOURCE + entries
+    return SOURCE + _entries()
 
 
 def cubin_name(sm: int) -> str:
@@ -654,7 +662,7 @@ def cubin_name(sm: int) -> str:
 @functools.lru_cache(maxsize=32)
 def _cubin_name(source: str, sm: int) -> str:
     """(cubin_name, remembered per source text: an engine's load asks once per INT4 layer)"""
-    key = hashlib.sha256(_source().encode() + f"sm_{sm}".encode()).hexdigest()[:16]
+    key = hashlib.sha256((source + _entries()).encode() + f"sm_{sm}".encode()).hexdigest()[:16]
     return f"{cubin_prefix(sm)}{key}.cubin"
 
 
