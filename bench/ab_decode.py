@@ -9,6 +9,12 @@ Prints each round's ms/step, then a table of medians over the rounds and the rat
 setting's step to the first's; writes ab-decode.json under --out. The switches the runtime reads
 at load or launch work (EDGELLM_MMA_TWO_TILES, EDGELLM_FOLD_NORMS); EDGELLM_PDL, which it
 remembers per process, is forgotten before each load.
+
+W4A16_SOURCE=current,PATH.py compares W4A16 kernel sources instead: each PATH is a copy of
+w4a16_cuda.py whose SOURCE (same entries and arguments) replaces the runtime's before the load
+("current": the runtime's own), compiled with NVRTC on first use:
+
+    python3 bench/ab_decode.py --switch W4A16_SOURCE=current,/tmp/w4a16_before.py --rounds 3
 """
 
 from __future__ import annotations
@@ -63,7 +69,10 @@ def main() -> int:
         runs: dict[str, list[dict]] = {v: [] for v in settings}
         for r in range(args.rounds):
             for value in settings:
-                os.environ[name] = value
+                if name == "W4A16_SOURCE":
+                    use_kernel_source(value)
+                else:
+                    os.environ[name] = value
                 pdl.enabled.cache_clear()  # read once per process otherwise
                 engine = Engine.load(engine_dir, device="cuda")
                 engine.warm_up()  # the graphs are captured under this setting
@@ -91,6 +100,29 @@ def main() -> int:
             print(f"{row['setting']:>8} {row['batch']:>5} {row['step_ms']:>8.3f} {row['roofline_pct']:>7.1f}% "
                   f"{row['vs_first']:>6.3f}  {rounds}")
     return 0
+
+
+_RUNTIME_SOURCE: list[str] = []
+
+
+def use_kernel_source(value: str) -> None:
+    """Make the W4A16 kernels of `value` (a copy of w4a16_cuda.py, or "current") the ones loaded next."""
+    import importlib.util
+
+    from edgellm.engine.kernels import w4a16_cuda
+
+    if not _RUNTIME_SOURCE:
+        _RUNTIME_SOURCE.append(w4a16_cuda.SOURCE)
+    if value == "current":
+        source = _RUNTIME_SOURCE[0]
+    else:
+        spec = importlib.util.spec_from_file_location(f"w4a16_variant_{abs(hash(value))}", value)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module  # (dataclasses look their module up)
+        spec.loader.exec_module(module)
+        source = module.SOURCE
+    w4a16_cuda.SOURCE = source
+    w4a16_cuda._functions.cache_clear()  # the next launch loads the module compiled from `source`
 
 
 if __name__ == "__main__":

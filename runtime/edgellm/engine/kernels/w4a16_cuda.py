@@ -118,11 +118,13 @@ __device__ __forceinline__ u32 smem_address(const void* p) {
 // Asynchronous copies global -> shared: they need no registers while in flight, so a warp
 // keeps many chunks of weights on the way (the kernel is bound by memory latency otherwise).
 // Weights are read once (.cg: past L1); the scale pairs are shared by the lanes of a row (.ca).
-__device__ __forceinline__ void copy_async16(void* dst, const void* src) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" :: "r"(smem_address(dst)), "l"(src) : "memory");
+// dst: a shared-memory address (smem_address), kept as 32 bits: converting a generic pointer at
+// every copy cost the main loop ~10 instructions per pair.
+__device__ __forceinline__ void copy_async16(u32 dst, const void* src) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" :: "r"(dst), "l"(src) : "memory");
 }
-__device__ __forceinline__ void copy_async8(void* dst, const void* src) {
-    asm volatile("cp.async.ca.shared.global [%0], [%1], 8;" :: "r"(smem_address(dst)), "l"(src) : "memory");
+__device__ __forceinline__ void copy_async8(u32 dst, const void* src) {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 8;" :: "r"(dst), "l"(src) : "memory");
 }
 // x is written by the previous kernel and read by every block: bring a chunk's line of it
 // into L1 ahead of use, so the loads at the arithmetic hit L1 instead of waiting on L2.
@@ -279,31 +281,38 @@ __device__ __forceinline__ void w4a16_mma(
     const int g = lane >> 2, t = lane & 3;
     const int first_tile = blockIdx.x * TILES, last_tile = (N - 1) >> 4;
     const int pairs = K >> 7;
-    const int p_begin = (pairs * warp) / warps, n_pairs = (pairs * (warp + 1)) / warps - p_begin;
-    const uint4* wp[TILES];  // tile T's pair p_begin + i, chunk h at wp[T][64 i + 32 h]
-    const uint2* szp[TILES];  // tile T's group q at szp[T][8 q]
+    const int warp_shift = __ffs(warps) - 1;  // warps is a power of two: a shift, not a ~40-instruction division
+    const int p_begin = (pairs * warp) >> warp_shift, n_pairs = ((pairs * (warp + 1)) >> warp_shift) - p_begin;
+    // As 32-bit offsets (a weight of up to 2^31 16-byte words, 32 GB): cheap to keep, and to recompute
+    // where the compiler prefers that to holding a register.
+    int w_at[TILES];   // tile T's pair p_begin + i, chunk h at qw[w_at[T] + 64 i + 32 h]
+    int sz_at[TILES];  // tile T's group q at sz[sz_at[T] + 8 q]
 #pragma unroll
     for (int T = 0; T < TILES; ++T) {
-        const int tile = min(first_tile + T, last_tile);  // a tile past N (odd tile count) reads the last one, stores nothing
-        wp[T] = qw + ((long long)tile * 2 * pairs + 2 * p_begin) * 32 + lane;
-        szp[T] = sz + (long long)tile * (K >> gshift) * 8 + g;
+        // (TILES = 2) a tile past N (odd tile count) reads the last one, stores nothing
+        const int tile = TILES == 1 ? first_tile : min(first_tile + T, last_tile);
+        w_at[T] = (tile * 2 * pairs + 2 * p_begin) * 32 + lane;
+        sz_at[T] = tile * (K >> gshift) * 8 + g;
     }
     const int pair_to_group = gshift - 7;                                           // (one group per pair) pair p lies in group p >> this
     // Slot s, tile T, chunk h at ring_w[64 (TILES s + T) + 32 h]; its scale/zero at ring_sz[32 (SZ (TILES s + T) + h)].
     uint4* ring_w = reinterpret_cast<uint4*>(smem) + warp * STAGES * TILES * 64 + lane;
     uint2* ring_sz = reinterpret_cast<uint2*>(smem + warps * STAGES * TILES * 1024) + warp * STAGES * TILES * 32 * SZ + lane;
+    const u32 ring_w_at = smem_address(ring_w), ring_sz_at = smem_address(ring_sz);  // the same, for cp.async
     float* red = reinterpret_cast<float*>(smem + warps * STAGES * TILES * (1024 + 256 * SZ));
     auto request = [&](int i, int slot) {  // pair p_begin + i of every tile into its slot, i % STAGES
 #pragma unroll
         for (int T = 0; T < TILES; ++T) {
             const int at = TILES * slot + T;
-            copy_async16(ring_w + 64 * at, wp[T] + 64 * i);
-            copy_async16(ring_w + 64 * at + 32, wp[T] + 64 * i + 32);
+            const uint4* w = qw + (w_at[T] + 64 * i);
+            copy_async16(ring_w_at + 16 * 64 * at, w);
+            copy_async16(ring_w_at + 16 * (64 * at + 32), w + 32);
             if (SPLIT_GROUP) {
-                copy_async8(ring_sz + 64 * at, szp[T] + 16 * (p_begin + i));
-                copy_async8(ring_sz + 64 * at + 32, szp[T] + 16 * (p_begin + i) + 8);
+                const uint2* q = sz + (sz_at[T] + 16 * (p_begin + i));
+                copy_async8(ring_sz_at + 8 * 64 * at, q);
+                copy_async8(ring_sz_at + 8 * (64 * at + 32), q + 8);
             } else {
-                copy_async8(ring_sz + 32 * at, szp[T] + 8 * ((p_begin + i) >> pair_to_group));
+                copy_async8(ring_sz_at + 8 * 32 * at, sz + (sz_at[T] + 8 * ((p_begin + i) >> pair_to_group)));
             }
         }
     };
@@ -385,34 +394,32 @@ __device__ __forceinline__ void w4a16_mma(
             const uint4 w[2] = {ring_w[64 * at], ring_w[64 * at + 32]};
             const ScaleZero q0 = unpack_sz(ring_sz[32 * SZ * at]);
             const ScaleZero q[2] = {q0, SPLIT_GROUP ? unpack_sz(ring_sz[32 * SZ * at + 32]) : q0};
-            float part[2][2][MB][4];  // [chunk][even, odd step]: four independent MMA chains of two
+            float part[2][MB][4];  // [chunk]: two independent MMA chains of four
 #pragma unroll
             for (int h = 0; h < 2; ++h)
 #pragma unroll
-                for (int e = 0; e < 2; ++e)
+                for (int mb = 0; mb < MB; ++mb)
 #pragma unroll
-                    for (int mb = 0; mb < MB; ++mb)
+                    for (int r = 0; r < 4; ++r) part[h][mb][r] = 0.f;
 #pragma unroll
-                        for (int r = 0; r < 4; ++r) part[h][e][mb][r] = 0.f;
+            for (int j = 0; j < 4; ++j)
 #pragma unroll
-            for (int h = 0; h < 2; ++h)
-#pragma unroll
-                for (int j = 0; j < 4; ++j) {
+                for (int h = 0; h < 2; ++h) {
                     u32 a[4];
                     unpack_a(word_of(w[h], j), q[h].za, q[h].zb, mask, a);
 #pragma unroll
                     for (int mb = 0; mb < MB; ++mb) {
                         const uint4& v = xv[mb][2 * h + (j >> 1)];
-                        mma_16816(part[h][j & 1][mb], a, (j & 1) ? v.z : v.x, (j & 1) ? v.w : v.y);
+                        mma_16816(part[h][mb], a, (j & 1) ? v.z : v.x, (j & 1) ? v.w : v.y);
                     }
                 }
 #pragma unroll
             for (int mb = 0; mb < MB; ++mb)
 #pragma unroll
                 for (int r = 0; r < 4; ++r) {  // C fragment values 0, 1: row g; 2, 3: row g + 8
-                    const float sum0 = part[0][0][mb][r] + part[0][1][mb][r], sum1 = part[1][0][mb][r] + part[1][1][mb][r];
                     const float s0 = r < 2 ? q[0].sa : q[0].sb, s1 = r < 2 ? q[1].sa : q[1].sb;
-                    acc[T][mb][r] += SPLIT_GROUP ? s0 * sum0 + s1 * sum1 : s0 * (sum0 + sum1);
+                    acc[T][mb][r] += SPLIT_GROUP ? s0 * part[0][mb][r] + s1 * part[1][mb][r]
+                                                 : s0 * (part[0][mb][r] + part[1][mb][r]);
                 }
         }
     }
