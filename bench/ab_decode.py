@@ -32,6 +32,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import decode  # noqa: E402
 from decode import BATCHES, bench_engine, log, measure_bandwidth  # noqa: E402
 from edgellm.engine.random_engine import write_random_engine  # noqa: E402
 
@@ -42,12 +43,17 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--shapes", default="llama-3.1-8b")
     ap.add_argument("--out", type=Path, default=Path("out"))
+    ap.add_argument("--context", type=int, default=decode.CONTEXT,
+                    help=f"positions of KV each step reads (default {decode.CONTEXT}; the engine holds 4096)")
     args = ap.parse_args()
     name, _, values = args.switch.partition("=")
     settings = values.split(",")
     if not name or len(settings) < 2:
         ap.error("--switch takes NAME=value1,value2: at least two settings of one variable")
     args.out.mkdir(parents=True, exist_ok=True)
+    if not 0 < args.context < 4096:
+        ap.error("--context takes 1..4095 (the engine's 4096 positions hold the context and the new token)")
+    decode.CONTEXT = args.context  # bench_engine reads it at each call
 
     from edgellm.engine.demo_tokenizer import train_demo_tokenizer
     from edgellm.engine.kernels import pdl
@@ -60,7 +66,8 @@ def main() -> int:
     tok_dir = work / "tokenizer"
     tok_dir.mkdir()
     train_demo_tokenizer(tok_dir)
-    results: dict = {"switch": name, "settings": settings, "bandwidth_Bps": bandwidth, "shapes": {}}
+    results: dict = {"switch": name, "settings": settings, "context": args.context, "bandwidth_Bps": bandwidth,
+                     "shapes": {}}
     for shape in args.shapes.split(","):
         engine_dir = work / shape
         t0 = time.perf_counter()
@@ -93,7 +100,8 @@ def main() -> int:
             row["vs_first"] = row["step_ms"] / first[row["batch"]]
         results["shapes"][shape] = table
         (args.out / "ab-decode.json").write_text(json.dumps(results, indent=2))
-        print(f"\n{shape}: {name}, median of {args.rounds} rounds (ms/step; ratio to {name}={settings[0]})")
+        print(f"\n{shape}, context {args.context}: {name}, median of {args.rounds} rounds (ms/step; ratio to "
+              f"{name}={settings[0]})")
         print(f"{'setting':>8} {'batch':>5} {'ms/step':>8} {'roofline':>8} {'ratio':>6}  rounds")
         for row in table:
             rounds = " ".join(f"{t:.3f}" for t in row["step_ms_rounds"])

@@ -20,7 +20,7 @@
 #   decode-no-fold the same with the norm kernels instead of norms folded into the projections (EDGELLM_FOLD_NORMS=0)
 #   decode-one-tile the same with one 16-row tile per W4A16 block at every batch (EDGELLM_MMA_TWO_TILES=0), under $OUT/one-tile
 #   ab          decode steps under each setting of one switch, in turn in one process (bench/ab_decode.py):
-#               AB_SWITCH=NAME=v1,v2 (e.g. EDGELLM_MMA_TWO_TILES=1,0), AB_ROUNDS (3), DECODE_SHAPES (8B)
+#               AB_SWITCH=NAME=v1,v2 (e.g. EDGELLM_MMA_TWO_TILES=1,0), AB_ROUNDS (3), DECODE_SHAPES (8B), AB_CONTEXT (512)
 #   serve-load  the daemon on a 1B-shape INT4 engine under bench/load.py, 5 min
 # e.g. bash bench/h100_cycle.sh tests profile decode-ours
 # The generated gRPC message code is ignored by git: carry runtime/edgellm/v1/*_pb2.py.
@@ -113,7 +113,7 @@ for step in "$@"; do
         ;;
     ab)
         timeout 400 python3 bench/ab_decode.py --switch "${AB_SWITCH:?AB_SWITCH=NAME=v1,v2}" --rounds "${AB_ROUNDS:-3}" \
-            --shapes "${DECODE_SHAPES:-llama-3.1-8b}" --out "$OUT" 2>&1 | tee "$OUT/ab-decode.txt" | grep -v "^  batch" | tail -40
+            --shapes "${DECODE_SHAPES:-llama-3.1-8b}" --context "${AB_CONTEXT:-512}" --out "$OUT" 2>&1 | tee "$OUT/ab-decode.txt" | grep -v "^  batch" | tail -40
         ;;
     decode-no-pdl)
         mkdir -p "$OUT/no-pdl"

@@ -202,7 +202,7 @@ def bench_attention(gen, bw, batches, seq_lens, splits_factors, min_chunks, s_ma
                 slots = torch.arange(b, device="cuda")
                 positions = torch.full((b,), seq - 1, device="cuda")
                 counters = torch.zeros(b * hkv, dtype=torch.int32, device="cuda")
-                picked = attn.pick_splits(b, hkv, s_max, sms, attn._tiles(hq, hkv, d)[2])
+                picked = attn.pick_splits(b, hkv, s_max, sms, attn._tiles(hq, hkv, d)[2], d)
                 for factor in [1.0] + [f for f in splits_factors if f != 1.0]:
                     for min_chunk in [0] + [c for c in min_chunks if c]:
                         splits = max(1, round(picked * factor))

@@ -304,3 +304,18 @@ def test_decode_attention_rope_rejects_bad_arguments():
                               partials=torch.empty(10), splits=4)
     with pytest.raises(ValueError, match="splits"):
         decode_attention_rope(qkv, positions, slots, cos, sin, k_cache, v_cache, hq, hkv, 0.1, counters, splits=0)
+
+
+def test_the_splits_keep_the_same_kv_tile_bytes_per_sm(monkeypatch):
+    """pick_splits: at most 256 / head_dim programs per SM (2 at head dim 128, 4 at 64), never more
+    chunks than the cache has tiles; EDGELLM_ATTN_PROGRAMS_PER_SM overrides the programs per SM."""
+    from edgellm.engine.kernels.decode_attention import pick_splits
+
+    monkeypatch.delenv("EDGELLM_ATTN_PROGRAMS_PER_SM", raising=False)
+    # 8 kv heads on 132 SMs: 8B (head dim 128) and 1B (64) shapes, cache of 4096
+    assert [pick_splits(b, 8, 4096, 132, 64, 128) for b in (1, 2, 4, 8)] == [32, 16, 8, 4]
+    assert [pick_splits(b, 8, 4096, 132, 64, 64) for b in (1, 2, 4, 8)] == [64, 32, 16, 8]
+    assert pick_splits(1, 8, 256, 132, 64, 64) == 4  # a 256-position cache has 4 tiles of 64
+    assert pick_splits(64, 8, 4096, 132, 64, 128) == 1
+    monkeypatch.setenv("EDGELLM_ATTN_PROGRAMS_PER_SM", "1")
+    assert [pick_splits(b, 8, 4096, 132, 64, 128) for b in (1, 4)] == [16, 4]

@@ -44,13 +44,21 @@ except ImportError:  # CI and CPU-only hosts: the module imports, the kernels do
     tl = None
 
 
-def pick_splits(batch: int, kv_heads: int, max_seq: int, num_sms: int = 132, block_s: int = 64) -> int:
-    """Programs per (row, kv head): a power of two with batch * kv_heads * splits at most one
-    per SM, and no more than the cache has tiles. Measured on an H100 (bench/kernels.py
-    attention table, docs/dev/kernels-notes.md): at 2 per SM the longer merge cost more than
-    the shorter chunks saved (8B batch 8, context 512: 12.6 us against 10.7 at 1 per SM)."""
+def pick_splits(batch: int, kv_heads: int, max_seq: int, num_sms: int = 132, block_s: int = 64,
+                head_dim: int = 128) -> int:
+    """Programs per (row, kv head): a power of two with batch * kv_heads * splits at most
+    256 / head_dim per SM (2 at head dim 128, 4 at 64: the same K/V tile bytes per SM), and no
+    more than the cache has tiles. Measured inside the decode graph on an H200, where the kernel
+    starts early beside the q|k|v projection (bench/ab_decode.py, EDGELLM_ATTN_PROGRAMS_PER_SM,
+    docs/benchmarks.md): against one program per SM, which had been the fastest alone (H100),
+    at context 4000 two per SM took the 8B step from 2.227 / 3.063 / 4.031 ms to 2.205 / 2.946 /
+    3.705 at batch 1 / 4 / 8 and four per SM the 1B step from 0.712 / 1.054 / 1.444 to 0.669 /
+    0.857 / 1.074; four per SM at head dim 128 lost at batch 1 (2.326 ms: 64 chunks to merge).
+    EDGELLM_ATTN_PROGRAMS_PER_SM overrides the programs per SM, for measuring."""
+    per_sm = os.environ.get("EDGELLM_ATTN_PROGRAMS_PER_SM")
+    programs = num_sms * (int(per_sm) if per_sm else max(1, 256 // head_dim))
     splits = 1
-    while batch * kv_heads * splits * 2 <= num_sms and splits * 2 * block_s <= max_seq:
+    while batch * kv_heads * splits * 2 <= programs and splits * 2 * block_s <= max_seq:
         splits *= 2
     return splits
 
@@ -139,7 +147,7 @@ def decode_attention_rope(
         raise ValueError(f"counters must be a contiguous int32 tensor of at least B * Hkv = {b * hkv} elements")
     group, block_g, block_s = _tiles(hq, hkv, d)
     if splits is None:
-        splits = pick_splits(b, hkv, s_max, sm_count(qkv.device), block_s)
+        splits = pick_splits(b, hkv, s_max, sm_count(qkv.device), block_s, d)
     if splits < 1:
         raise ValueError(f"splits must be at least 1, got {splits}")
     min_chunk = block_s if min_chunk is None else triton_cdiv(min_chunk, block_s) * block_s
