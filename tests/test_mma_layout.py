@@ -118,3 +118,11 @@ def test_gate_up_interleaving_puts_a_features_gate_and_up_in_one_tile():
     assert sorted(out.tolist()) == rows.tolist()
     with pytest.raises(ValueError, match="multiple of 8"):
         w4a16_cuda.interleave_gate_up(torch.arange(20))
+
+
+def test_a_weight_past_the_kernels_32_bit_offsets_is_refused_with_a_clear_error():
+    n, k, g = 1 << 20, 1 << 17, 128  # 2^37 weights: 2^32 16-byte words (meta tensors: no memory)
+    qweight = torch.empty(n, k // 8, dtype=torch.int32, device="meta")
+    scales = torch.empty(n, k // g, dtype=torch.float16, device="meta")
+    with pytest.raises(ValueError, match="32-bit offsets"):
+        w4a16_cuda.MmaWeights.from_rowpacked(qweight, scales, scales, g)
