@@ -34,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import decode  # noqa: E402
 from decode import BATCHES, bench_engine, log, measure_bandwidth  # noqa: E402
+from kernel_source import use_kernel_source  # noqa: E402
 from edgellm.engine.random_engine import write_random_engine  # noqa: E402
 
 
@@ -108,29 +109,6 @@ def main() -> int:
             print(f"{row['setting']:>8} {row['batch']:>5} {row['step_ms']:>8.3f} {row['roofline_pct']:>7.1f}% "
                   f"{row['vs_first']:>6.3f}  {rounds}")
     return 0
-
-
-_RUNTIME_SOURCE: list[str] = []
-
-
-def use_kernel_source(value: str) -> None:
-    """Make the W4A16 kernels of `value` (a copy of w4a16_cuda.py, or "current") the ones loaded next."""
-    import importlib.util
-
-    from edgellm.engine.kernels import w4a16_cuda
-
-    if not _RUNTIME_SOURCE:
-        _RUNTIME_SOURCE.append(w4a16_cuda.SOURCE)
-    if value == "current":
-        source = _RUNTIME_SOURCE[0]
-    else:
-        spec = importlib.util.spec_from_file_location(f"w4a16_variant_{abs(hash(value))}", value)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module  # (dataclasses look their module up)
-        spec.loader.exec_module(module)
-        source = module.SOURCE
-    w4a16_cuda.SOURCE = source
-    w4a16_cuda._functions.cache_clear()  # the next launch loads the module compiled from `source`
 
 
 if __name__ == "__main__":

@@ -270,7 +270,14 @@ def main() -> None:
                     help="also time the attention at pick_splits' choice times these factors")
     ap.add_argument("--attention-min-chunks", default="128,256", help="also time the attention with these least chunks")
     ap.add_argument("--ncu-target", help="only run one kernel a few times (for ncu): gemv1, mma8 or mma:SHAPE:M")
+    ap.add_argument("--w4a16-source", help="time the tensor-core kernels of this copy of w4a16_cuda.py instead "
+                    "(bench/kernel_source.py)")
     args = ap.parse_args()
+    if args.w4a16_source:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from kernel_source import use_kernel_source
+
+        use_kernel_source(args.w4a16_source)
     g = args.group_size
     gen = torch.Generator(device="cuda").manual_seed(0)
     props = torch.cuda.get_device_properties(0)

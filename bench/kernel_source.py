@@ -1,0 +1,32 @@
+"""Swap the W4A16 kernels' CUDA source for a variant's, for side-by-side measurements
+(bench/ab_decode.py W4A16_SOURCE=current,PATH; bench/kernels.py --w4a16-source PATH).
+
+A variant is a copy of runtime/edgellm/engine/kernels/w4a16_cuda.py whose SOURCE has the same
+entries and arguments; its kernels are compiled with NVRTC on first use (and cached under their
+own name, the source's hash).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+
+_RUNTIME_SOURCE: list[str] = []
+
+
+def use_kernel_source(value: str) -> None:
+    """Make the W4A16 kernels of `value` (a copy of w4a16_cuda.py, or "current") the ones loaded next."""
+    from edgellm.engine.kernels import w4a16_cuda
+
+    if not _RUNTIME_SOURCE:
+        _RUNTIME_SOURCE.append(w4a16_cuda.SOURCE)
+    if value == "current":
+        source = _RUNTIME_SOURCE[0]
+    else:
+        spec = importlib.util.spec_from_file_location(f"w4a16_variant_{abs(hash(value))}", value)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module  # (dataclasses look their module up)
+        spec.loader.exec_module(module)
+        source = module.SOURCE
+    w4a16_cuda.SOURCE = source
+    w4a16_cuda._functions.cache_clear()  # the next launch loads the module compiled from `source`
