@@ -8,7 +8,8 @@ rounds, so that drift of the GPU's clocks falls on every setting alike.
 Prints each round's ms/step, then a table of medians over the rounds and the ratio of each
 setting's step to the first's; writes ab-decode.json under --out. The switches the runtime reads
 at load or launch work (EDGELLM_MMA_TWO_TILES, EDGELLM_FOLD_NORMS); EDGELLM_PDL, which it
-remembers per process, is forgotten before each load.
+remembers per process, is forgotten before each load. --context N: each step reads N positions
+of KV per row (default bench/decode.py's 512).
 
 W4A16_SOURCE=current,PATH.py compares W4A16 kernel sources instead: each PATH is a copy of
 w4a16_cuda.py whose SOURCE (same entries and arguments) replaces the runtime's before the load
