@@ -11,17 +11,15 @@ from __future__ import annotations
 import importlib.util
 import sys
 
-_RUNTIME_SOURCE: list[str] = []
+from edgellm.engine.kernels import w4a16_cuda
+
+RUNTIME_SOURCE = w4a16_cuda.SOURCE  # the runtime's own ("current")
 
 
 def use_kernel_source(value: str) -> None:
     """Make the W4A16 kernels of `value` (a copy of w4a16_cuda.py, or "current") the ones loaded next."""
-    from edgellm.engine.kernels import w4a16_cuda
-
-    if not _RUNTIME_SOURCE:
-        _RUNTIME_SOURCE.append(w4a16_cuda.SOURCE)
     if value == "current":
-        source = _RUNTIME_SOURCE[0]
+        source = RUNTIME_SOURCE
     else:
         spec = importlib.util.spec_from_file_location(f"w4a16_variant_{abs(hash(value))}", value)
         module = importlib.util.module_from_spec(spec)
