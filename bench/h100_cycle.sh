@@ -12,6 +12,8 @@
 #   attention   the decode attention alone: both shapes, batch 1-8, context 512 and 4096, splits swept
 #   sweep       the same + the Triton candidate configurations (bench/kernels.py --sweep, decode shapes)
 #   sweep-mma   the tensor-core kernel's K splits and ring depths, early start on and off, every shape, M=1,8
+#   ab-kernels  W4A16 kernel sources side by side (bench/ab_kernels.py): AB_SOURCES=current,PATH[,...],
+#               AB_SHAPES (every shape), AB_M (1,4), AB_ROUNDS (3)
 #   startup     what a fresh process spends on `import torch` and on creating the CUDA context
 #   decode      bench/decode.py: both shapes, vs transformers eager and static cache + compile
 #               (transformers at batches $HF_BATCHES, default 1,4)
@@ -30,7 +32,7 @@ export PYTHONPATH=$PWD/runtime:$PWD/tests PYTHONUNBUFFERED=1 TRITON_CACHE_DIR=/t
     EDGELLM_KERNEL_CACHE=/tmp/edgellm-kernel-cache/edgellm
 OUT=${OUT:-out}
 mkdir -p "$OUT"
-[ $# -gt 0 ] || { sed -n 2,25p "$0" >&2; exit 2; }
+[ $# -gt 0 ] || { sed -n 2,27p "$0" >&2; exit 2; }
 for step in "$@"; do
     echo "=== $step ($(date +%T))"
     case $step in
@@ -88,6 +90,11 @@ for step in "$@"; do
             --sweep-shapes "${SWEEP_SHAPES:-1B qkv,1B o,1B gate_up,1B down,8B qkv,8B o,8B gate_up,8B down}" \
             --sweep-m "${SWEEP_M:-1,8}" 2>&1 | tee "$OUT/kernels-sweep.txt" | grep -v "^  sweep" | tail -16
         ;;
+    ab-kernels)
+        timeout 500 python3 bench/ab_kernels.py --sources "${AB_SOURCES:?AB_SOURCES=current,PATH[,...]}" \
+            ${AB_SHAPES:+--shapes "$AB_SHAPES"} --m "${AB_M:-1,4}" --rounds "${AB_ROUNDS:-3}" --out "$OUT" 2>&1 \
+            | tee "$OUT/ab-kernels.txt" | grep -v "^round" | tail -24
+        ;;
     startup)
         for i in 1 2; do
             python3 -c "import time; t0 = time.perf_counter(); import torch; t1 = time.perf_counter(); torch.zeros(1, device='cuda'); torch.cuda.synchronize(); print(f'import torch {t1 - t0:.2f} s, CUDA context {time.perf_counter() - t1:.2f} s')"
@@ -133,6 +140,6 @@ PY
             | tee "$OUT/load-gpu.txt" | tail -40
         ;;
     *)
-        echo "unknown step $step" >&2; sed -n 2,23p "$0" >&2; exit 2 ;;
+        echo "unknown step $step" >&2; sed -n 2,27p "$0" >&2; exit 2 ;;
     esac
 done
