@@ -1,8 +1,9 @@
 """W4A16 kernel sources side by side, per shape and M, in one process: each round times every
 source on every shape in turn (bench/kernels.py's method: CUDA-graph medians over more weight
 copies than L2 holds, the configuration pick_config chooses), so that clock drift falls on
-every source alike. Prints each round, then medians over the rounds and each source's ratio to
-the first's; writes ab-kernels.json under --out.
+every source alike. First prints how far each source's output lies from the first's; then each
+round, then medians over the rounds and each source's ratio to the first's; writes
+ab-kernels.json under --out.
 
     python3 bench/ab_kernels.py --sources current,bench/_w4a16_variant.py --shapes "8B gate_up,1B down" --m 1,4
 
@@ -56,6 +57,20 @@ def main() -> int:
         copies = random_weights(n, k, g, max(2, math.ceil(3 * L2_BYTES / w4_bytes(1, n, k, g))), gen)
         weights[name] = [w4a16_cuda.MmaWeights.from_rowpacked(qw, s, z, g) for qw, s, z in copies]
         del copies
+    # Each source's output against the first's on the same x (printed, not asserted: a variant made
+    # for timing only, with the arithmetic taken out, is expected to differ).
+    xs = {m: torch.randn(m, max(k for _, _, k in shapes), device="cuda", generator=gen).half() for m in ms}
+    outputs: dict[str, dict[str, torch.Tensor]] = {}
+    for src in sources:
+        use_kernel_source(src)
+        outputs[src] = {f"{name} M={m}": w4a16_cuda.w4a16_mma_linear(xs[m][:, :k].contiguous(), weights[name][0]).float()
+                        for name, n, k in shapes for m in ms}
+    errors = {src: {key: ((out - outputs[sources[0]][key]).abs().max() / outputs[sources[0]][key].abs().max()).item()
+                    for key, out in outputs[src].items()} for src in sources[1:]}
+    for src in sources[1:]:
+        worst = max(errors[src], key=errors[src].get)
+        print(f"{src} against {sources[0]}: max relative difference {errors[src][worst]:.2e} ({worst})", flush=True)
+    del outputs
     times: dict[str, dict[str, list[float]]] = {src: {} for src in sources}
     for r in range(args.rounds):
         for src in sources:
@@ -77,7 +92,8 @@ def main() -> int:
             print(f"{key:18s} " + " ".join(f"{c:>26s}" for c in cells))
             rows.append(dict(shape=name, N=n, K=k, M=m, config=w4a16_cuda.pick_config(n, k, torch.cuda.get_device_properties(0)
                                                                                      .multi_processor_count, m).__dict__,
-                             us={s: times[s][key] for s in sources}, median_us=dict(zip(sources, med))))
+                             us={s: times[s][key] for s in sources}, median_us=dict(zip(sources, med)),
+                             max_rel_diff={s: errors[s][key] for s in sources[1:]}))
     (args.out / "ab-kernels.json").write_text(json.dumps(dict(read_gbps=read_bw, sources=sources, rows=rows), indent=1))
     return 0
 

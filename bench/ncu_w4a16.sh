@@ -4,6 +4,10 @@
 # graph:SHAPE:BATCH profiles the W4A16 kernels of one layer of the decode graph instead, each node on
 # its own (ncu serializes them: no overlap with its neighbours) but with the inputs the step gave it
 # and warm caches, e.g. "graph:llama-3.1-8b:4". Not yet run (written 2026-12-04 without device time).
+# sass:SHAPE:M gives, per SASS instruction of one tensor-core kernel launch, the warp-stall samples
+# (ncu's source page), the 30 most stalled printed by bench/ncu_sass_top.py, e.g. "sass:8B gate_up:1":
+# what the long-scoreboard stalls wait on (kernels-notes.md, session 14). Not yet run (written
+# 2026-12-04 after the device was withdrawn).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=$PWD/runtime EDGELLM_KERNEL_CACHE=/tmp/edgellm-kernel-cache/edgellm
@@ -13,7 +17,15 @@ NCU=$(command -v ncu || ls /usr/local/cuda*/bin/ncu /opt/nvidia/nsight-compute/*
 SECTIONS=(--section SpeedOfLight --section Occupancy --section WarpStateStats --section SchedulerStats --section LaunchStats)
 for target in "$@"; do
     report=$OUT/ncu-$(echo "$target" | tr ': ' '__').txt
-    if [[ $target == graph:* ]]; then
+    if [[ $target == sass:* ]]; then
+        rep=$OUT/ncu-sass-$(echo "${target#sass:}" | tr ': ' '__')
+        timeout 120 "$NCU" --clock-control none -k regex:w4a16_mma_mb -s 2 -c 1 --section SourceCounters \
+            --section WarpStateStats -f -o "$rep" python3 bench/kernels.py --ncu-target "mma:${target#sass:}" > "$report" 2>&1
+        "$NCU" --import "$rep.ncu-rep" --page source --print-source sass --csv > "$rep.csv" 2>> "$report"
+        echo "== $target"
+        python3 bench/ncu_sass_top.py "$rep.csv" 30
+        continue
+    elif [[ $target == graph:* ]]; then
         IFS=: read -r _ shape batch <<< "$target"
         # -s 4 -c 4: past layer 0's four projections, layer 1's q|k|v, o, gate|up and down.
         timeout 240 "$NCU" --profile-from-start off --graph-profiling node --cache-control none --clock-control none \
