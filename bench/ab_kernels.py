@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from kernel_source import use_kernel_source  # noqa: E402
 from kernels import L2_BYTES, SHAPES, bench_mma, random_weights, read_bandwidth, w4_bytes  # noqa: E402
-from edgellm.engine.kernels import w4a16_cuda  # noqa: E402
+from edgellm.engine.kernels import sm_count, w4a16_cuda  # noqa: E402
 
 
 def main() -> int:
@@ -82,6 +82,7 @@ def main() -> int:
                     print(f"round {r + 1} {src}: {name} M={m} {t:.2f} us", flush=True)
     use_kernel_source("current")
     rows = []
+    sms, shared_limit = sm_count(torch.device("cuda")), w4a16_cuda.max_shared_bytes(torch.cuda.current_device())
     print(f"\nmedians over {args.rounds} rounds, us (ratio to {sources[0]}; % of the read-only bandwidth):")
     print(f"{'shape':18s} " + " ".join(f"{Path(s).stem:>26s}" for s in sources))
     for name, n, k in shapes:
@@ -90,8 +91,7 @@ def main() -> int:
             med = [statistics.median(times[s][key]) for s in sources]
             cells = [f"{t:7.2f} ({t / med[0]:.3f}) {100 * w4_bytes(m, n, k, g) / t / 1e3 / read_bw:4.0f}%" for t in med]
             print(f"{key:18s} " + " ".join(f"{c:>26s}" for c in cells))
-            rows.append(dict(shape=name, N=n, K=k, M=m, config=w4a16_cuda.pick_config(n, k, torch.cuda.get_device_properties(0)
-                                                                                     .multi_processor_count, m).__dict__,
+            rows.append(dict(shape=name, N=n, K=k, M=m, config=w4a16_cuda.pick_config(n, k, sms, m, shared_limit, g == 64).__dict__,
                              us={s: times[s][key] for s in sources}, median_us=dict(zip(sources, med)),
                              max_rel_diff={s: errors[s][key] for s in sources[1:]}))
     (args.out / "ab-kernels.json").write_text(json.dumps(dict(read_gbps=read_bw, sources=sources, rows=rows), indent=1))

@@ -18,12 +18,12 @@ SECTIONS=(--section SpeedOfLight --section Occupancy --section WarpStateStats --
 for target in "$@"; do
     report=$OUT/ncu-$(echo "$target" | tr ': ' '__').txt
     if [[ $target == sass:* ]]; then
-        rep=$OUT/ncu-sass-$(echo "${target#sass:}" | tr ': ' '__')
+        profile=$OUT/ncu-sass-$(echo "${target#sass:}" | tr ': ' '__')  # ncu's report, then its source page as CSV
         timeout 120 "$NCU" --clock-control none -k regex:w4a16_mma_mb -s 2 -c 1 --section SourceCounters \
-            --section WarpStateStats -f -o "$rep" python3 bench/kernels.py --ncu-target "mma:${target#sass:}" > "$report" 2>&1
-        "$NCU" --import "$rep.ncu-rep" --page source --print-source sass --csv > "$rep.csv" 2>> "$report"
+            --section WarpStateStats -f -o "$profile" python3 bench/kernels.py --ncu-target "mma:${target#sass:}" > "$report" 2>&1
+        "$NCU" --import "$profile.ncu-rep" --page source --print-source sass --csv > "$profile.csv" 2>> "$report"
         echo "== $target"
-        python3 bench/ncu_sass_top.py "$rep.csv" 30
+        python3 bench/ncu_sass_top.py "$profile.csv" 30
         continue
     elif [[ $target == graph:* ]]; then
         IFS=: read -r _ shape batch <<< "$target"
