@@ -3,28 +3,40 @@
 
 A variant is a copy of runtime/edgellm/engine/kernels/w4a16_cuda.py whose SOURCE has the same
 entries and arguments; its kernels are compiled with NVRTC on first use (and cached under their
-own name, the source's hash).
+own name, the source's hash). Its shared_bytes (the shared-memory layout of its blocks) replaces
+the runtime's while it is in use.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import sys
 
 from edgellm.engine.kernels import w4a16_cuda
 
 RUNTIME_SOURCE = w4a16_cuda.SOURCE  # the runtime's own ("current")
+RUNTIME_SHARED_BYTES = w4a16_cuda.shared_bytes
 
 
 def use_kernel_source(value: str) -> None:
     """Make the W4A16 kernels of `value` (a copy of w4a16_cuda.py, or "current") the ones loaded next."""
     if value == "current":
-        source = RUNTIME_SOURCE
+        source, shared_bytes = RUNTIME_SOURCE, RUNTIME_SHARED_BYTES
     else:
         spec = importlib.util.spec_from_file_location(f"w4a16_variant_{abs(hash(value))}", value)
         module = importlib.util.module_from_spec(spec)
         sys.modules[spec.name] = module  # (dataclasses look their module up)
         spec.loader.exec_module(module)
-        source = module.SOURCE
+        source, shared_bytes = module.SOURCE, _called_as_runtime(module.shared_bytes)
     w4a16_cuda.SOURCE = source
+    w4a16_cuda.shared_bytes = shared_bytes  # a variant's shared-memory layout goes with its source
     w4a16_cuda._functions.cache_clear()  # the next launch loads the module compiled from `source`
+
+
+def _called_as_runtime(shared_bytes):
+    """A variant's shared_bytes, callable with the runtime's arguments: one that takes fewer gets
+    the first ones (e.g. a copy of the runtime beside a patched runtime whose shared_bytes also
+    takes the rows of x: docs/dev/experiments/w4a16-x-ring.patch)."""
+    takes = len(inspect.signature(shared_bytes).parameters)
+    return lambda *args: shared_bytes(*args[:takes])

@@ -21,7 +21,11 @@ def number(text: str) -> float:
 def main() -> int:
     path, top = sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 30
     with open(path, newline="") as f:
-        rows = list(csv.DictReader(line for line in f if not line.startswith("==")))
+        lines = [line for line in f if not line.startswith("==")]
+    # ncu writes a "Kernel Name" line (or several kernels' blocks) before the column header: start at the header
+    header = next((i for i, line in enumerate(lines) if line.startswith('"Address"')), 0)
+    rows = list(csv.DictReader(lines[header:]))
+    rows = [r for r in rows if r.get("Address") not in (None, "Address")]
     if not rows:
         print(f"{path}: no rows (ncu's source page was empty or not written)", file=sys.stderr)
         return 1
@@ -33,7 +37,7 @@ def main() -> int:
         print(f"{path}: no stall-sampling or source column among {columns}", file=sys.stderr)
         return 1
     # per-reason sample columns, e.g. "stall_long_sb" or "Warp Stall Sampling ... (long_scoreboard)"
-    reasons = [c for c in columns if "stall" in c.lower() and not c.startswith("Warp Stall Sampling")]
+    reasons = [c for c in columns if c.startswith("stall_") and "(Not Issued)" not in c]
     total = sum(number(r[total_col]) for r in rows) or 1.0
     print(f"{len(rows)} instructions, {total:.0f} stall samples")
     for r in sorted(rows, key=lambda r: number(r[total_col]), reverse=True)[:top]:

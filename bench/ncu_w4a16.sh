@@ -6,8 +6,8 @@
 # and warm caches, e.g. "graph:llama-3.1-8b:4". Not yet run (written 2026-12-04 without device time).
 # sass:SHAPE:M gives, per SASS instruction of one tensor-core kernel launch, the warp-stall samples
 # (ncu's source page), the 30 most stalled printed by bench/ncu_sass_top.py, e.g. "sass:8B gate_up:1":
-# what the long-scoreboard stalls wait on (kernels-notes.md, session 14). Not yet run (written
-# 2026-12-04 after the device was withdrawn).
+# what the long-scoreboard stalls wait on (kernels-notes.md, sessions 14 and 15; first run 2026-12-04,
+# seventh session).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=$PWD/runtime EDGELLM_KERNEL_CACHE=/tmp/edgellm-kernel-cache/edgellm
