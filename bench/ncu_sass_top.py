@@ -36,7 +36,7 @@ def main() -> int:
     if total_col is None or source_col is None:
         print(f"{path}: no stall-sampling or source column among {columns}", file=sys.stderr)
         return 1
-    # per-reason sample columns, e.g. "stall_long_sb" or "Warp Stall Sampling ... (long_scoreboard)"
+    # per-reason sample columns over all samples ("stall_long_sb", ...), not their "(Not Issued)" twins
     reasons = [c for c in columns if c.startswith("stall_") and "(Not Issued)" not in c]
     total = sum(number(r[total_col]) for r in rows) or 1.0
     print(f"{len(rows)} instructions, {total:.0f} stall samples")
