@@ -12,7 +12,7 @@ remembers per process, is forgotten before each load. --context N: each step rea
 of KV per row (default bench/decode.py's 512).
 
 W4A16_SOURCE=current,PATH.py compares W4A16 kernel sources instead: each PATH is a copy of
-w4a16_cuda.py whose SOURCE (same entries and arguments) replaces the runtime's before the load
+w4a16_source.py whose SOURCE (same entries and arguments) replaces the runtime's before the load
 ("current": the runtime's own), compiled with NVRTC on first use:
 
     python3 bench/ab_decode.py --switch W4A16_SOURCE=current,/tmp/w4a16_before.py --rounds 3

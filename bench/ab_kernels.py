@@ -7,7 +7,7 @@ ab-kernels.json under --out.
 
     python3 bench/ab_kernels.py --sources current,bench/_w4a16_variant.py --shapes "8B gate_up,1B down" --m 1,4
 
-A source is "current" (the runtime's own) or a copy of w4a16_cuda.py whose SOURCE has the same
+A source is "current" (the runtime's own) or a copy of w4a16_source.py whose SOURCE has the same
 entries and arguments (bench/kernel_source.py), compiled with NVRTC on first use.
 """
 

@@ -1,9 +1,10 @@
 """Swap the W4A16 kernels' CUDA source for a variant's, for side-by-side measurements
 (bench/ab_decode.py W4A16_SOURCE=current,PATH; bench/kernels.py --w4a16-source PATH).
 
-A variant is a copy of runtime/edgellm/engine/kernels/w4a16_cuda.py whose SOURCE has the same
-entries and arguments; its kernels are compiled with NVRTC on first use (and cached under their
-own name, the source's hash). Its shared_bytes (the shared-memory layout of its blocks) replaces
+A variant is a copy of runtime/edgellm/engine/kernels/w4a16_source.py (or of w4a16_cuda.py from
+before the source moved out of it) whose SOURCE has the same entries and arguments; its kernels
+are compiled with NVRTC on first use (and cached under their own name, the source's hash). Where
+it defines shared_bytes (a variant whose blocks lay out shared memory otherwise), that replaces
 the runtime's while it is in use.
 """
 
@@ -20,7 +21,7 @@ RUNTIME_SHARED_BYTES = w4a16_cuda.shared_bytes
 
 
 def use_kernel_source(value: str) -> None:
-    """Make the W4A16 kernels of `value` (a copy of w4a16_cuda.py, or "current") the ones loaded next."""
+    """Make the W4A16 kernels of `value` (a copy of w4a16_source.py, or "current") the ones loaded next."""
     if value == "current":
         source, shared_bytes = RUNTIME_SOURCE, RUNTIME_SHARED_BYTES
     else:
@@ -28,7 +29,8 @@ def use_kernel_source(value: str) -> None:
         module = importlib.util.module_from_spec(spec)
         sys.modules[spec.name] = module  # (dataclasses look their module up)
         spec.loader.exec_module(module)
-        source, shared_bytes = module.SOURCE, _called_as_runtime(module.shared_bytes)
+        source = module.SOURCE
+        shared_bytes = _called_as_runtime(module.shared_bytes) if hasattr(module, "shared_bytes") else RUNTIME_SHARED_BYTES
     w4a16_cuda.SOURCE = source
     w4a16_cuda.shared_bytes = shared_bytes  # a variant's shared-memory layout goes with its source
     w4a16_cuda._functions.cache_clear()  # the next launch loads the module compiled from `source`

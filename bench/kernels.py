@@ -270,7 +270,7 @@ def main() -> None:
                     help="also time the attention at pick_splits' choice times these factors")
     ap.add_argument("--attention-min-chunks", default="128,256", help="also time the attention with these least chunks")
     ap.add_argument("--ncu-target", help="only run one kernel a few times (for ncu): gemv1, mma8 or mma:SHAPE:M")
-    ap.add_argument("--w4a16-source", help="time the tensor-core kernels of this copy of w4a16_cuda.py instead "
+    ap.add_argument("--w4a16-source", help="time the tensor-core kernels of this copy of w4a16_source.py instead "
                     "(bench/kernel_source.py)")
     args = ap.parse_args()
     if args.w4a16_source:

@@ -42,15 +42,21 @@ MODEL_CONFIG = {
 }
 
 
-def make_engine(path: Path, target_sms: list[str]) -> Path:
+def make_engine(path: Path, target_sms: list[str], quantization: dict | None = None,
+                kernel_files: tuple[str, ...] = ()) -> Path:
+    """kernel_files: names under kernels/ the engine ships (bytes that only need to hash, not run)."""
     path.mkdir(parents=True)
     save_file({"tok_embeddings.weight": np.zeros((512, 64), dtype=np.float16)}, str(path / "model.safetensors"))
     (path / "tokenizer_config.json").write_text("{}\n")
+    for name in kernel_files:
+        (path / "kernels").mkdir(exist_ok=True)
+        (path / "kernels" / name).write_bytes(b"not a real cubin: doctor only reads the manifest's names")
     manifest = Manifest(
         engine_id="doctor-test", model={"architecture": "LlamaForCausalLM", "config": MODEL_CONFIG, "source": "test"},
-        quantization={"scheme": "fp16"}, kv_dtype="fp16", max_batch=2, max_seq_len=256, target_sms=target_sms,
-        builder={"name": "edgellm", "version": __version__}, min_runtime_version=__version__,
-        files=describe_files(path, ["model.safetensors", "tokenizer_config.json"]),
+        quantization=quantization or {"scheme": "fp16"}, kv_dtype="fp16", max_batch=2, max_seq_len=256,
+        target_sms=target_sms, builder={"name": "edgellm", "version": __version__}, min_runtime_version=__version__,
+        files=describe_files(path, ["model.safetensors", "tokenizer_config.json"]
+                             + [f"kernels/{name}" for name in kernel_files]),
     )
     write_manifest(path, manifest)
     return path
@@ -261,3 +267,34 @@ def test_gpu_checks_pass_on_a_gpu(tmp_path):
     assert checks["gpu-memory"]["status"] == "ok", checks["gpu-memory"]
     assert checks["engine-store"]["status"] == "ok" and checks["engine-fit"]["status"] == "ok"
     assert checks["engine-files"]["status"] == "ok"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("built_by", ["this runtime", "another version"])
+def test_gpu_kernels_check_names_the_cubin_this_runtime_uses(tmp_path, built_by):
+    """An INT4 engine's shipped W4A16 cubin counts only if its name holds this runtime's kernel-source
+    hash: one built by another edgellm version is ignored by the daemon, and doctor must say so
+    rather than report the tensor-core kernel as shipped."""
+    from edgellm.engine.kernels import cubin_prefix
+    from edgellm.engine.kernels.w4a16_source import cubin_name
+
+    major, _, minor = THIS_DEVICE.sm.partition(".")
+    sm = 10 * int(major) + int(minor)
+    name = cubin_name(sm) if built_by == "this runtime" else f"{cubin_prefix(sm)}0123456789abcdef.cubin"
+    engine = make_engine(tmp_path / "engine", [THIS_DEVICE.sm], {"scheme": "int4-awq", "group_size": 128},
+                         kernel_files=(name,))
+    config = tmp_path / "edgellm.toml"
+    config.write_text(f'[engine]\npath = "{engine}"\n[server]\nlisten = "unix://{tmp_path}/k.sock"\n'
+                      f'admin_listen = "unix://{tmp_path}/a.sock"\n')
+    rc, report, torch_imported = run_doctor({"config": config})
+    check = by_name(report)["gpu-kernels"]
+    print(f"{check['status']:<5} {check['detail']}")
+    assert not torch_imported
+    if built_by == "this runtime":
+        assert check["status"] == "ok" and "ships its kernels compiled for" in check["detail"], check
+    else:
+        assert "built by another edgellm version" in check["detail"] and name in check["detail"], check
+        assert cubin_name(sm) in check["detail"], check
+        # With NVRTC the daemon compiles its own (ok); without, INT4 falls back to a slower kernel (warn, and how to fix)
+        assert ((check["status"] == "ok" and "compiles its own at its first start" in check["detail"])
+                or (check["status"] == "warn" and "rebuild the engine with edgellm" in check["fix"])), check

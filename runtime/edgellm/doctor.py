@@ -375,17 +375,35 @@ class Doctor:
         if ident is None or ident.is_cpu:
             return Check("gpu-kernels", SKIP, "no GPU (see gpu)")
         from edgellm.engine.kernels import ENGINE_KERNELS_DIR, cubin_prefix, nvrtc_usable
+        from edgellm.engine.kernels.w4a16_source import cubin_name
 
         usable, detail = nvrtc_usable()
         manifest = self._current.manifest if self._current is not None else None
         int4 = manifest is not None and manifest.quantization.get("scheme") != "fp16"
         major, _, minor = ident.sm.partition(".")
-        prefix = f"{ENGINE_KERNELS_DIR}/{cubin_prefix(10 * int(major) + int(minor))}"
-        ships = int4 and any(rel.startswith(prefix) for rel in manifest.files)
+        sm = 10 * int(major) + int(minor)
+        # The daemon uses a shipped cubin only if it was built from this runtime's kernel source (its
+        # name holds the source's hash): one from another edgellm version is ignored.
+        needed = f"{ENGINE_KERNELS_DIR}/{cubin_name(sm)}"
+        ships = int4 and needed in manifest.files
+        stale = [rel for rel in manifest.files if rel.startswith(f"{ENGINE_KERNELS_DIR}/{cubin_prefix(sm)}")
+                 and rel != needed] if int4 and not ships else []
         if ships:
             how = "" if usable else " (no NVRTC here: an engine pushed without them would not)"
             return Check("gpu-kernels", OK, f"{detail}; engine {manifest.engine_id} ships its kernels compiled for "
                          f"SM {ident.sm}: INT4 runs the tensor-core kernel{how}")
+        if stale:
+            what = (f"engine {manifest.engine_id} ships kernels for SM {ident.sm} built by another edgellm version "
+                    f"({stale[0].rpartition('/')[2]}; this runtime {__version__} needs {needed.rpartition('/')[2]}), "
+                    "which the daemon does not use")
+            if usable:
+                return Check("gpu-kernels", OK, f"{detail}; {what}: it compiles its own at its first start (seconds, "
+                             "minutes on an Orin) and caches them")
+            return Check("gpu-kernels", WARN, f"{detail}, and {what}: INT4 runs Triton's slower kernel instead, or "
+                         "dequantized fp16 weights (4x the memory) without Triton",
+                         f"rebuild the engine with edgellm {__version__} (edgellm build ... --target-sm {ident.sm}) on a "
+                         "host with NVRTC and push it, or install NVRTC here (the CUDA toolkit's cuda-nvrtc package, "
+                         "or pip install nvidia-cuda-nvrtc-cu12 into the system Python), then restart edgellm")
         if not usable:
             shipped = f"engine {manifest.engine_id} ships no kernels for SM {ident.sm}" if int4 else "no engine here ships them"
             return Check("gpu-kernels", WARN, f"{detail}, and {shipped}: INT4 engines without the tensor-core "
