@@ -15,7 +15,7 @@ ENGINE_KERNELS_DIR = "kernels"  # where an engine ships its compiled kernels (bu
 
 def cubin_prefix(sm: int) -> str:
     """How the file name of the W4A16 cubin for SM `sm` (e.g. 90) starts; the rest is a hash of the
-    kernel source and ".cubin" (w4a16_cuda.cubin_name). Torch-free: the doctor looks for it too."""
+    kernel source and ".cubin" (w4a16_source.cubin_name, which the doctor also calls)."""
     return f"w4a16-mma-sm{sm}-"
 
 
