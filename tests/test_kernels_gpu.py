@@ -535,6 +535,85 @@ def test_two_tile_blocks_write_what_one_tile_blocks_write(kind, m, warps, stages
         assert torch.equal(two[1], one[1])
 
 
+def _bulk_or_skip():
+    w4a16_cuda = _mma_or_skip()
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("the bulk-streamed W4A16 kernel needs SM 9.0+ (cp.async.bulk)")
+    return w4a16_cuda
+
+
+@pytest.mark.parametrize("early", [False, True], ids=["plain", "early"])
+@pytest.mark.parametrize("ks,stages,grid", [(1, 2, 1), (1, 16, 3), (2, 3, 7), (4, 5, 2), (8, 2, 1), (8, 6, 200),
+                                            (2, 16, 64)])
+@pytest.mark.parametrize("n,k,g,m", [(1000, 4096, 128, 1), (1000, 4096, 128, 8), (40, 1024, 64, 5), (2048, 2048, 256, 3)])
+def test_bulk_kernel_configurations(early, ks, stages, grid, n, k, g, m):
+    """Every K split, rings of 2..16 stages, grids from one block (every unit through one ring,
+    wrapping it many times) to more blocks than units (blocks with nothing to do), N not a
+    multiple of a unit's tiles (the last unit's tiles past N store nothing), G = 64 (two groups
+    per pair), 128 and 256 (a group spanning stages), with and without early start."""
+    w4a16_cuda = _bulk_or_skip()
+    config = w4a16_cuda.BulkConfig(ks, stages, grid, early)
+    need = w4a16_cuda.bulk_shared_bytes(config, m)
+    if need > w4a16_cuda.max_shared_bytes(torch.cuda.current_device()):
+        pytest.skip(f"{config} needs {need} bytes of shared memory per block for {m} rows")
+    qw = _weights(n, k, g)
+    packed = w4a16_cuda.MmaWeights.from_rowpacked(qw.qweight, qw.scales, qw.zeros, g)
+    torch.manual_seed(m + ks)
+    x = torch.randn(m, k, device="cuda").half()
+    ref = x.float() @ qw.dequantize(torch.float32).t()
+    out = _poisoned(m, n)
+    w4a16_cuda.w4a16_mma_linear(x, packed, out=out, config=config)
+    err = _rel_err(out, ref)
+    print(f"bulk {config} M={m} N={n} K={k} G={g}: rel err {err:.2e}")
+    assert torch.isfinite(out).all(), "unwritten or non-finite output"
+    assert err < REL_TOL
+
+
+@pytest.mark.parametrize("kind", ["bias", "g64", "gate_up", "norm_in", "residual"])
+@pytest.mark.parametrize("m", [1, 3, 8])
+def test_bulk_kernel_epilogues_agree_with_the_ring_kernel(kind, m):
+    """The bulk kernel (what decode runs on SM 9.0+) against the ring kernel, every epilogue: the
+    same function up to the order of the fp32 sums (K is split otherwise), so outputs within a
+    rounding of fp16, the residual's sums of squares within 1e-4. An odd number of units' tiles."""
+    w4a16_cuda = _bulk_or_skip()
+    g = 64 if kind == "g64" else 128
+    n, k = (2000, 4096) if kind == "gate_up" else (1000, 4096) if kind != "g64" else (2992, 1536)
+    qw = _weights(n, k, g)
+    packed = w4a16_cuda.MmaWeights.from_rowpacked(qw.qweight, qw.scales, qw.zeros, g, gate_up=kind == "gate_up")
+    torch.manual_seed(m + n + 1)
+    x = torch.randn(m, k, device="cuda").half()
+    bias = torch.randn(n, device="cuda").half() if kind in ("bias", "gate_up") else None
+    if kind == "gate_up":
+        bias = w4a16_cuda.interleave_gate_up(bias)
+    out_n = n // 2 if kind == "gate_up" else n
+    residual = torch.randn(m, n, device="cuda").half()
+    weight = (torch.rand(n, device="cuda") + 0.5).half()
+    in_sumsq = x.double().pow(2).sum(-1) * 0.7
+
+    def run(config):
+        out = residual.clone() if kind == "residual" else _poisoned(m, out_n)
+        sums = torch.full((m,), 3.0, dtype=torch.float64, device="cuda")
+        scaled = _poisoned(m, n)
+        fold = None
+        if kind == "norm_in":
+            fold = w4a16_cuda.Fold(in_sumsq=in_sumsq, eps=1e-5)
+        elif kind == "residual":
+            fold = w4a16_cuda.Fold(add_to_out=True, out_sumsq=sums, next_weight=weight, scaled=scaled)
+        w4a16_cuda.w4a16_mma_linear(x, packed, bias, out=out, config=config, fold=fold)
+        return out, sums, scaled
+
+    sms, dev = kernels.sm_count(torch.device("cuda")), torch.cuda.current_device()
+    ring = run(w4a16_cuda.pick_config(n, k, sms, m))
+    bulk_config = w4a16_cuda.pick_bulk_config(n, k, sms, m, w4a16_cuda.shared_bytes_per_sm(dev))
+    bulk = run(bulk_config)
+    err = _rel_err(bulk[0], ring[0].float())
+    print(f"bulk {kind} M={m} {bulk_config}: rel difference to the ring kernel {err:.1e}")
+    assert torch.isfinite(bulk[0]).all() and err < 1e-3
+    if kind == "residual":
+        assert _rel_err(bulk[2], ring[2].float()) < 1e-3
+        assert ((bulk[1] - ring[1]).abs() / ring[1]).max().item() < 1e-4
+
+
 def test_early_start_chain_in_a_graph_waits_for_each_input():
     """norm -> W4A16 -> W4A16 -> SiLU * up -> argmax, each reading the previous kernel's
     output, all launched to start early where the GPU has programmatic dependent launch.

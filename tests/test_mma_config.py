@@ -72,3 +72,40 @@ def test_two_tile_blocks_can_be_turned_off(monkeypatch):
     for n, k in SHAPES:
         for rows in ROWS:
             assert w4a16_cuda.pick_config(n, k, 132, rows).tiles == 1
+
+
+# ---- the bulk-streamed kernel (SM 9.0+: H100, H200; 228 KB of shared memory per SM) ----
+
+SM90_PER_SM = 228 * 1024
+
+
+@pytest.mark.parametrize("blocks_per_sm", [1, 2])
+def test_every_bulk_configuration_fits_its_share_of_the_sm(blocks_per_sm):
+    """For every engine shape and 1..8 rows: a K split dividing K's pairs, at least two stages, a
+    grid of at most blocks_per_sm blocks per SM, each block's shared memory within its share of the
+    SM (so that they are resident together) and within the per-block limit, and every unit of work
+    taken by some block (grid x units per block covers them, no block without one)."""
+    for n, k in SHAPES:
+        for rows in range(1, 9):
+            config = w4a16_cuda.pick_bulk_config(n, k, 132, rows, SM90_PER_SM, blocks_per_sm)
+            assert config is not None, (n, k, rows)
+            assert (k // 128) % config.ks == 0 and config.stages >= 2
+            need = w4a16_cuda.bulk_shared_bytes(config, rows)
+            assert need <= SM90_PER_SM // blocks_per_sm - 1024 and need <= SM90_LIMIT, (n, k, rows, config, need)
+            units = -(-(-(-n // 16)) // (w4a16_cuda.BULK_WARPS // config.ks))
+            per_block = -(-units // config.grid)
+            assert config.grid <= blocks_per_sm * 132 and (config.grid - 1) * per_block < units <= config.grid * per_block
+
+
+def test_the_bulk_split_keeps_whole_tiles_per_unit_where_the_tiles_fill_the_grid():
+    """8B gate|up (1792 tiles): a K split of 2 gives 448 units for 264 blocks, shared 2 per block
+    (224 blocks); 8B down (256 tiles) splits K 8 ways, one tile per unit, one unit per block."""
+    assert w4a16_cuda.pick_bulk_config(28672, 4096, 132, 1, SM90_PER_SM, 2, 12) == w4a16_cuda.BulkConfig(2, 10, 224)
+    assert w4a16_cuda.pick_bulk_config(4096, 14336, 132, 1, SM90_PER_SM, 2, 12) == w4a16_cuda.BulkConfig(8, 9, 256)
+
+
+def test_a_bulk_configuration_outside_the_kernel_is_refused():
+    with pytest.raises(ValueError, match="split is 1, 2, 4 or 8"):
+        w4a16_cuda.BulkConfig(3, 4, 10)
+    with pytest.raises(ValueError, match="stages 2..16"):
+        w4a16_cuda.BulkConfig(2, 17, 10)

@@ -145,7 +145,7 @@ def _functions(device_index: int) -> dict[str, object]:
                       "cuDevicePrimaryCtxRetain")
         _ok(driver.cuCtxSetCurrent(context), "cuCtxSetCurrent")
     module = _ok(driver.cuModuleLoadData(compile_cubin(10 * major + minor)), "cuModuleLoadData")
-    ring = [entry_name(*e) for e in ENTRIES]
+    ring = [entry_name(*e) for e in ENTRIES] + list(BULK_ENTRIES)
     names = ring + ["w4a16_mma_dequant", "w4a16_mma_repack", "w4a16_mma_pack_scales"]
     functions = {name: _ok(driver.cuModuleGetFunction(module, name.encode()), "cuModuleGetFunction") for name in names}
     # The rings take more than the 48 KB of shared memory a block gets without asking.
@@ -163,6 +163,15 @@ def max_shared_bytes(device_index: int) -> int:
     driver, _ = cuda_bindings()
     return int(_ok(driver.cuDeviceGetAttribute(
         driver.CUdevice_attribute.CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN, device_index), "cuDeviceGetAttribute"))
+
+
+@functools.cache
+def shared_bytes_per_sm(device_index: int) -> int:
+    """Shared memory of one SM (bytes; 228 KB on SM 9.0), which the blocks resident on it share."""
+    driver, _ = cuda_bindings()
+    return int(_ok(driver.cuDeviceGetAttribute(
+        driver.CUdevice_attribute.CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_MULTIPROCESSOR, device_index),
+        "cuDeviceGetAttribute"))
 
 
 def _launch(name: str, device: torch.device, grid: int, threads: int, shared: int, args: tuple, types: tuple,
@@ -437,6 +446,70 @@ def _smaller_configs(config: MmaConfig):
         warps //= 2
 
 
+# ---- the bulk-streamed kernel (SM 9.0+, decode) -----------------------------------------------
+
+BULK_ENTRIES = ("w4a16_bulk", "w4a16_bulk_g64")  # G >= 128, G = 64
+BULK_WARPS = 8  # consumer warps per block (one more warp issues the copies)
+BULK_RING = 256 + 2 * BULK_WARPS * 512  # shared memory before the ring: barriers, cross-warp sums
+BULK_MAX_STAGES = 16
+
+
+@dataclasses.dataclass(frozen=True)
+class BulkConfig:
+    """How a call of the bulk-streamed kernel runs (w4a16_source.py, "Bulk-streamed blocks"): K split
+    `ks` ways inside a block (1, 2, 4 or 8; a unit of work is 8 / ks tiles over all of K), `stages`
+    stages of 8 KB of weights in flight per block (2..16), `grid` persistent blocks taking the units
+    in turn. early_start as MmaConfig's."""
+
+    ks: int
+    stages: int
+    grid: int
+    early_start: bool | None = None
+
+    def __post_init__(self):
+        if self.ks not in (1, 2, 4, 8) or not 2 <= self.stages <= BULK_MAX_STAGES or self.grid < 1:
+            raise ValueError(f"no bulk W4A16 launch with K split {self.ks} ways, {self.stages} stages and {self.grid} "
+                             f"blocks: the split is 1, 2, 4 or 8, the stages 2..{BULK_MAX_STAGES}")
+
+
+def bulk_stage_bytes(rows: int, ks: int) -> int:
+    """Shared memory of one stage (the kernel's bulk_stage_bytes): 8 KB of weights, 1 KB of
+    scale/zero, then each row of x's 256 * ks bytes (+ 64, the banks' shift), in 128-byte units."""
+    return -(-(9 * 1024 + rows * (256 * ks + 64)) // 128) * 128
+
+
+def bulk_shared_bytes(config: BulkConfig, rows: int) -> int:
+    return BULK_RING + config.stages * bulk_stage_bytes(rows, config.ks)
+
+
+def bulk_supported(device: torch.device, rows: int) -> bool:
+    """The bulk kernel runs on SM 9.0+ (the copy engine's cp.async.bulk) for up to 8 rows of x.
+    Off unless EDGELLM_W4A16_BULK=1 until it is measured on the GPU (the ring kernel runs every call)."""
+    if rows > 8 or os.environ.get("EDGELLM_W4A16_BULK", "0") == "0":
+        return False
+    return torch.cuda.get_device_capability(device)[0] >= 9
+
+
+def pick_bulk_config(n: int, k: int, num_sms: int, rows: int, sm_shared: int, blocks_per_sm: int | None = None,
+                     max_stages: int | None = None) -> BulkConfig | None:
+    """K split the fewest ways that still gives every block of `blocks_per_sm` per SM a unit (more
+    tiles per unit: x is copied once per stage for all of them), the units shared evenly among as
+    few blocks as take them all, and as many stages as `blocks_per_sm` blocks leave shared memory for
+    (at most `max_stages`). None where not even two stages fit. EDGELLM_BULK_BLOCKS_PER_SM and
+    EDGELLM_BULK_STAGES override the defaults (2 and 12), for measuring."""
+    blocks_per_sm = blocks_per_sm or int(os.environ.get("EDGELLM_BULK_BLOCKS_PER_SM", "2"))
+    max_stages = max_stages or int(os.environ.get("EDGELLM_BULK_STAGES", "12"))
+    tiles, pairs = -(-n // 16), k // 128
+    splits = [ks for ks in (1, 2, 4, 8) if pairs % ks == 0]
+    target = blocks_per_sm * num_sms
+    ks = next((ks for ks in splits if -(-tiles * ks // BULK_WARPS) >= target), splits[-1])
+    units = -(-tiles // (BULK_WARPS // ks))
+    grid = -(-units // -(-units // target))
+    budget = sm_shared // blocks_per_sm - 1024  # the driver keeps 1 KB per block
+    stages = min(max_stages, BULK_MAX_STAGES, (budget - BULK_RING) // bulk_stage_bytes(rows, ks))
+    return BulkConfig(ks, stages, grid) if stages >= 2 else None
+
+
 def batch_block(rows: int) -> int:
     """MB of the kernel entry for up to 16 rows of x: 1 up to 8 rows, else 2."""
     return next(b for b in BATCH_BLOCKS if 8 * b >= rows)
@@ -529,10 +602,16 @@ def w4a16_mma_linear(x: torch.Tensor, w: MmaWeights, bias: torch.Tensor | None =
         bias = bias.contiguous()
     gshift = w.group_size.bit_length() - 1
     split_group = w.group_size == 64
+    device_index = x.device.index if x.device.index is not None else torch.cuda.current_device()
+    if isinstance(config, BulkConfig) or (config is None and bulk_supported(x.device, m)):
+        cfg = config or pick_bulk_config(w.n, k, sm_count(x.device), m, shared_bytes_per_sm(device_index))
+        if cfg is not None:
+            _launch_bulk(x, w, bias, out, cfg, fold or _NO_FOLD, gshift)
+            return out
     for m0 in range(0, m, MAX_ROWS):
         rows = min(MAX_ROWS, m - m0)
         mb = batch_block(rows)
-        limit = max_shared_bytes(x.device.index if x.device.index is not None else torch.cuda.current_device())
+        limit = max_shared_bytes(device_index)
         cfg = config or pick_config(w.n, k, sm_count(x.device), rows, limit, split_group)
         if cfg.tiles == 2 and mb > 1:
             raise ValueError(f"two-tile blocks take up to 8 rows of x per launch, got {rows}")
@@ -553,6 +632,28 @@ def w4a16_mma_linear(x: torch.Tensor, w: MmaWeights, bias: torch.Tensor | None =
                  ctypes.c_int) + _FOLD_TYPES,
                 early_start)
     return out
+
+
+def _launch_bulk(x: torch.Tensor, w: MmaWeights, bias: torch.Tensor | None, out: torch.Tensor, cfg: BulkConfig,
+                 fold: Fold, gshift: int) -> None:
+    m, k = x.shape
+    if m > 8 or (k // 128) % cfg.ks:
+        raise ValueError(f"the bulk kernel takes up to 8 rows and a K split dividing K / 128; got {m} rows, K {k}, "
+                         f"{cfg}")
+    shared = bulk_shared_bytes(cfg, m)
+    limit = max_shared_bytes(x.device.index if x.device.index is not None else torch.cuda.current_device())
+    if shared > limit:
+        raise ValueError(f"{cfg} needs {shared} bytes of shared memory per block for {m} rows; this GPU allows "
+                         f"{limit}: use fewer stages (pick_bulk_config chooses a number that fits)")
+    early_start = pdl.active(x.device) if cfg.early_start is None else cfg.early_start
+    _launch(BULK_ENTRIES[w.group_size == 64], x.device, cfg.grid, 32 * (BULK_WARPS + 1), shared,
+            (x.data_ptr(), x.stride(0), m, w.qweight.data_ptr(), w.scale_zero.data_ptr(),
+             0 if bias is None else bias.data_ptr(), out.data_ptr(), out.stride(0), w.n, k, w.group_size.bit_length() - 1,
+             int(w.gate_up)) + fold.args() + (cfg.ks.bit_length() - 1, cfg.stages),
+            (ctypes.c_void_p, ctypes.c_longlong, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
+             ctypes.c_void_p, ctypes.c_void_p, ctypes.c_longlong, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+             ctypes.c_int) + _FOLD_TYPES + (ctypes.c_int, ctypes.c_int),
+            early_start)
 
 
 def dequantize_mma(w: MmaWeights) -> torch.Tensor:

@@ -459,6 +459,203 @@ __device__ __forceinline__ void w4a16_mma(
     }
 // The entries (w4a16_mma_mb<MB>_s<STAGES>[_t512][_g64][_x2]) are listed by compile_cubin: see ENTRIES.
 
+// ---- Bulk-streamed blocks (SM 9.0+): the weights arrive by the copy engine ----------------------
+// The ring kernel above moves the weights with cp.async, 16 bytes per lane, each warp its own ring
+// of 1 KB pairs; a block lives for one tile, so every block pays a ring fill (a DRAM round trip)
+// and a drain, and with 4 pairs per warp (8B gate|up) it hardly streams between the two. Here a
+// block is persistent and streams without a pause: one producer thread issues bulk copies
+// (cp.async.bulk, completing on an mbarrier) of whole stages, each 8 KB of weights (TB tiles x KS
+// pairs), their scale/zero words and the stage's columns of x, up to `stages` stages ahead, across
+// the block's units (a unit: TB tiles, all of K) without a gap; BULK_WARPS consumer warps each
+// take one pair of every stage (warp = tb * KS + ks: tile tb, pair ks) and run the ring kernel's
+// arithmetic on it, from shared memory only. At a unit's end the KS warps of a tile meet in shared
+// memory and the first stores the tile (store_tile: the same epilogues). In flight per block:
+// stages x 8 KB of weights, no registers, one instruction per copy.
+constexpr int BULK_WARPS = 8;
+constexpr int BULK_SZ = 8 * 1024;   // a stage: weights [0, 8 KB), scale/zero [8 KB, 9 KB), x rows from 9 KB
+constexpr int BULK_X = 9 * 1024;
+constexpr int BULK_RING = 256 + 2 * BULK_WARPS * 512;  // barriers (full, empty: up to 16 stages), cross-warp sums x 2
+
+__device__ __forceinline__ void mbar_init(u32 bar, u32 count) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" :: "r"(bar), "r"(count) : "memory");
+}
+__device__ __forceinline__ void mbar_expect_bytes(u32 bar, u32 bytes) {  // the producer's arrival: `bytes` to land
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" :: "r"(bar), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(u32 bar) {
+    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" :: "r"(bar) : "memory");
+}
+__device__ __forceinline__ void mbar_wait(u32 bar, u32 parity) {  // until the phase of this parity has completed
+    u32 done;
+    do {
+        asm volatile("{ .reg .pred p; mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2; selp.u32 %0, 1, 0, p; }"
+                     : "=r"(done) : "r"(bar), "r"(parity) : "memory");
+    } while (!done);
+}
+__device__ __forceinline__ void bulk_copy(u32 dst, const void* src, u32 bytes, u32 bar) {  // bytes: a multiple of 16
+#if __CUDA_ARCH__ >= 900
+    asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
+                 :: "r"(dst), "l"(src), "r"(bytes), "r"(bar) : "memory");
+#endif
+}
+
+// Bytes of one stage for M rows of x and K split KS ways (w4a16_cuda.bulk_stage_bytes says the same):
+// x row m at BULK_X + m (256 KS + 64) (the 64 shift the rows' banks: 8 rows' fragments in 4 wavefronts).
+__device__ __forceinline__ int bulk_stage_bytes(int M, int ks_shift) { return (BULK_X + M * ((256 << ks_shift) + 64) + 127) & ~127; }
+
+template <bool SPLIT_GROUP>
+__device__ __forceinline__ void w4a16_bulk(
+    const u16* __restrict__ x, long long stride_xm, int M, const uint4* __restrict__ qw,
+    const uint2* __restrict__ sz, const u16* __restrict__ bias,
+    u16* __restrict__ out, long long stride_om, int N, int K, int gshift, int gate_up, const Fold& fold,
+    int ks_shift, int stages, unsigned char* smem)
+{
+#if __CUDA_ARCH__ >= 900
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int KS = 1 << ks_shift, TB = BULK_WARPS >> ks_shift;
+    const int pairs = K >> 7, steps = pairs >> ks_shift;  // a unit's stages
+    const int last_tile = (N - 1) >> 4, units = (last_tile + TB) / TB;
+    const int stage_bytes = bulk_stage_bytes(M, ks_shift);
+    const int groups = K >> gshift;
+    const int stage_groups = max(1, (KS << 7) >> gshift);  // groups a stage's KS pairs lie in
+    const int x_row_bytes = (256 << ks_shift) + 64;
+    if ((int)blockIdx.x >= units) return;  // (a grid larger than the units) no unit: no copy may be left in flight
+    const u32 base = smem_address(smem);
+    const u32 full = base, empty = base + 128, ring = base + BULK_RING;
+    float* red = reinterpret_cast<float*>(smem + 256);
+    if (threadIdx.x == 0) {
+        for (int s = 0; s < stages; ++s) {
+            mbar_init(full + 8 * s, 1);
+            mbar_init(empty + 8 * s, BULK_WARPS);
+        }
+        asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+    }
+    __syncthreads();
+
+    if (warp == BULK_WARPS) {  // the producer: lane 0 issues every copy
+        if (lane != 0) return;
+        const int my_units = (units - 1 - (int)blockIdx.x) / (int)gridDim.x + 1;
+        const int total = my_units * steps, ahead = min(stages, total);
+        const u32 stage_weight_bytes = (u32)TB << (ks_shift + 10), stage_sz_bytes = 64u * stage_groups * TB;
+        const u32 x_bytes = 256u << ks_shift;
+        // Stage `it` of this block (unit blockIdx.x + (it / steps) gridDim.x, step it % steps) into slot s.
+        auto issue = [&](int it, int s, bool weights, bool xs) {
+            const int unit = (int)blockIdx.x + (it / steps) * (int)gridDim.x, step = it % steps;
+            const u32 stage = ring + s * stage_bytes, bar = full + 8 * s;
+            const int pair0 = step << ks_shift, group0 = (pair0 << 7) >> gshift;
+            if (weights) {
+                mbar_expect_bytes(bar, stage_weight_bytes + stage_sz_bytes + M * x_bytes);
+                for (int tb = 0; tb < TB; ++tb) {
+                    const int tile = min(unit * TB + tb, last_tile);  // a unit past N's last tile re-reads it, stores nothing
+                    bulk_copy(stage + (tb << (ks_shift + 10)), qw + ((long long)tile * pairs + pair0) * 64, 1024u << ks_shift, bar);
+                    bulk_copy(stage + BULK_SZ + tb * 64 * stage_groups, sz + ((long long)tile * groups + group0) * 8,
+                              64u * stage_groups, bar);
+                }
+            }
+            if (xs)
+                for (int m = 0; m < M; ++m)
+                    bulk_copy(stage + BULK_X + m * x_row_bytes, x + m * stride_xm + (pair0 << 7), x_bytes, bar);
+        };
+        // The weights never depend on the previous kernel: the first stages' are requested before waiting for it.
+        for (int it = 0; it < ahead; ++it) issue(it, it, true, false);
+        wait_for_previous_kernel();
+        let_next_kernel_start();
+        for (int it = 0; it < ahead; ++it) issue(it, it, false, true);
+        for (int it = ahead; it < total; ++it) {  // round it / stages of slot it % stages: once its consumers released the last
+            mbar_wait(empty + 8 * (it % stages), ((it / stages) & 1) ^ 1);
+            issue(it, it % stages, true, true);
+        }
+        return;
+    }
+
+    wait_for_previous_kernel();  // out and the folded norms' inputs belong to the kernels around this one
+    let_next_kernel_start();
+    const int ks = warp & (KS - 1), tb = warp >> ks_shift;
+    const int g = lane >> 2, t = lane & 3;
+    const u32 opaque_zero = (u32)(K >> 31);
+    const NibbleMasks mask{0x000F000Fu + opaque_zero, 0x00F000F0u + opaque_zero};
+    // This lane's bytes in a stage: its 16 of each chunk of the warp's pair, the scale/zero of row g
+    // (group q of the stage at + 64 q), its 32 of each chunk's x in row min(g, M - 1) (rows past M repeat
+    // the last: their sums are never stored).
+    const int w_at = warp * 1024 + 16 * lane;
+    const int sz_at = BULK_SZ + tb * 64 * stage_groups + 8 * g;
+    const int x_at = BULK_X + min(g, M - 1) * x_row_bytes + 256 * ks + 32 * t;
+    const unsigned char* ring_p = smem + BULK_RING;
+    int slot = 0;
+    u32 phase = 0;
+    int parity = 0;  // of the cross-warp sums' buffer
+    for (int unit = blockIdx.x; unit < units; unit += gridDim.x) {
+        float acc[1][4] = {{0.f, 0.f, 0.f, 0.f}};
+        for (int step = 0; step < steps; ++step) {
+            const int pair = (step << ks_shift) + ks;
+            const int q_at = ((pair << 7) >> gshift) - (((step << ks_shift) << 7) >> gshift);  // the pair's group in the stage
+            mbar_wait(full + 8 * slot, phase);
+            const unsigned char* stage = ring_p + slot * stage_bytes;
+            const uint4 w[2] = {*reinterpret_cast<const uint4*>(stage + w_at), *reinterpret_cast<const uint4*>(stage + w_at + 512)};
+            const uint2* szp = reinterpret_cast<const uint2*>(stage + sz_at + 64 * q_at);
+            const uint2 sz0 = szp[0], sz1 = SPLIT_GROUP ? szp[8] : sz0;
+            const uint4* xp = reinterpret_cast<const uint4*>(stage + x_at);
+            const uint4 xv[4] = {xp[0], xp[1], xp[8], xp[9]};  // chunk h, half e at xv[2 h + e]
+            __syncwarp();
+            if (lane == 0) mbar_arrive(empty + 8 * slot);  // the slot is read: the producer may refill it
+            if (++slot == stages) {
+                slot = 0;
+                phase ^= 1;
+            }
+            const ScaleZero q[2] = {unpack_sz(sz0), unpack_sz(sz1)};
+            float part[2][4];  // [chunk]: two independent MMA chains
+#pragma unroll
+            for (int h = 0; h < 2; ++h)
+#pragma unroll
+                for (int r = 0; r < 4; ++r) part[h][r] = 0.f;
+#pragma unroll
+            for (int j = 0; j < 4; ++j)
+#pragma unroll
+                for (int h = 0; h < 2; ++h) {
+                    u32 a[4];
+                    unpack_a(word_of(w[h], j), q[h].za, q[h].zb, mask, a);
+                    const uint4& v = xv[2 * h + (j >> 1)];
+                    mma_16816(part[h], a, (j & 1) ? v.z : v.x, (j & 1) ? v.w : v.y);
+                }
+#pragma unroll
+            for (int r = 0; r < 4; ++r) {  // C fragment values 0, 1: row g; 2, 3: row g + 8
+                const float s0 = r < 2 ? q[0].sa : q[0].sb, s1 = r < 2 ? q[1].sa : q[1].sb;
+                acc[0][r] += SPLIT_GROUP ? s0 * part[0][r] + s1 * part[1][r] : s0 * (part[0][r] + part[1][r]);
+            }
+        }
+        if (KS > 1) {  // the tile's first warp sums its KS warps' partial tiles
+            float* sums = red + parity * BULK_WARPS * 128;
+            if (ks > 0)
+#pragma unroll
+                for (int r = 0; r < 4; ++r) sums[(warp * 4 + r) * 32 + lane] = acc[0][r];
+            asm volatile("bar.sync 1, %0;" :: "r"(BULK_WARPS * 32) : "memory");  // the consumers only
+            if (ks == 0)
+                for (int other = 1; other < KS; ++other)
+#pragma unroll
+                    for (int r = 0; r < 4; ++r) acc[0][r] += sums[((warp + other) * 4 + r) * 32 + lane];
+            parity ^= 1;  // two buffers: the next unit's writes cannot meet this unit's reads
+        }
+        const int tile = unit * TB + tb;
+        if (ks == 0 && tile <= last_tile) store_tile<1>(acc, tile, M, bias, out, stride_om, N, K, gate_up, fold, g, t);
+    }
+#endif
+}
+
+#define BULK_ENTRY(NAME, SPLIT_GROUP)                                                                     \
+    extern "C" __global__ void __launch_bounds__(32 * (BULK_WARPS + 1), 2) NAME(                          \
+        const u16* x, long long stride_xm, int M, const uint4* qw, const uint2* sz,                       \
+        const u16* bias, u16* out, long long stride_om, int N, int K, int gshift, int gate_up,            \
+        const double* in_sumsq, float eps, int add_to_out, double* out_sumsq, const u16* next_weight,     \
+        u16* scaled, long long stride_scaled, int ks_shift, int stages) {                                 \
+        extern __shared__ __align__(128) unsigned char smem[];                                            \
+        const Fold fold{in_sumsq, eps, add_to_out, out_sumsq, next_weight, scaled, stride_scaled};        \
+        w4a16_bulk<SPLIT_GROUP>(x, stride_xm, M, qw, sz, bias, out, stride_om, N, K, gshift, gate_up,     \
+                                fold, ks_shift, stages, smem);                                            \
+    }
+BULK_ENTRY(w4a16_bulk, false)
+BULK_ENTRY(w4a16_bulk_g64, true)
+
+
 
 // int4-rowpacked-v1 [N, K / 8] (weight 8 w + i at bits 4 i of word w) -> the mma layout, as
 // to_mma_layout defines it (the GPU tests hold this kernel to it): one thread per output word
