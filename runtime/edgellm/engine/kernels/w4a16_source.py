@@ -578,7 +578,9 @@ __device__ __forceinline__ void w4a16_bulk(
     // (group q of the stage at + 64 q), its 32 of each chunk's x in row min(g, M - 1) (rows past M repeat
     // the last: their sums are never stored).
     const int w_at = warp * 1024 + 16 * lane;
-    const int sz_at = BULK_SZ + tb * 64 * stage_groups + 8 * g;
+    // The pair's group within the stage: a stage's KS pairs start on a multiple of KS * 128, so they
+    // cover whole groups (G <= KS * 128: pair ks lies in group ks * 128 / G of them) or lie in one.
+    const int sz_at = BULK_SZ + tb * 64 * stage_groups + 8 * g + 64 * ((ks << 7) >> gshift);
     const int x_at = BULK_X + min(g, M - 1) * x_row_bytes + 256 * ks + 32 * t;
     const unsigned char* ring_p = smem + BULK_RING;
     int slot = 0;
@@ -587,12 +589,10 @@ __device__ __forceinline__ void w4a16_bulk(
     for (int unit = blockIdx.x; unit < units; unit += gridDim.x) {
         float acc[1][4] = {{0.f, 0.f, 0.f, 0.f}};
         for (int step = 0; step < steps; ++step) {
-            const int pair = (step << ks_shift) + ks;
-            const int q_at = ((pair << 7) >> gshift) - (((step << ks_shift) << 7) >> gshift);  // the pair's group in the stage
             mbar_wait(full + 8 * slot, phase);
             const unsigned char* stage = ring_p + slot * stage_bytes;
             const uint4 w[2] = {*reinterpret_cast<const uint4*>(stage + w_at), *reinterpret_cast<const uint4*>(stage + w_at + 512)};
-            const uint2* szp = reinterpret_cast<const uint2*>(stage + sz_at + 64 * q_at);
+            const uint2* szp = reinterpret_cast<const uint2*>(stage + sz_at);
             const uint2 sz0 = szp[0], sz1 = SPLIT_GROUP ? szp[8] : sz0;
             const uint4* xp = reinterpret_cast<const uint4*>(stage + x_at);
             const uint4 xv[4] = {xp[0], xp[1], xp[8], xp[9]};  // chunk h, half e at xv[2 h + e]
