@@ -6,7 +6,7 @@ import pytest
 
 from conftest import copy_tokenizer
 from edgellm.engine.builder import BuildOptions, build_engine
-from edgellm.engine.kernels import nvrtc_usable, w4a16_cuda
+from edgellm.engine.kernels import cubin_prefix, nvrtc_usable, w4a16_cuda
 from edgellm.engine.manifest import verify_files
 from hf_models import make_checkpoint
 
@@ -64,10 +64,16 @@ def test_the_runtime_takes_the_kernels_an_engine_ships(tmp_path, monkeypatch):
     (engine / "kernels" / name).write_bytes(b"compiled at build time")
     (engine / "kernels" / "notes.txt").write_bytes(b"not a kernel")
     other_sm = w4a16_cuda.cubin_name(90)  # listed, but for another GPU: not read
-    files = [f"kernels/{name}", f"kernels/{other_sm}", "kernels/notes.txt", "tokenizer.model", "model.safetensors"]
+    other_version = f"{cubin_prefix(89)}0123456789abcdef.cubin"  # another edgellm's source: not read
+    for unread in (other_sm, other_version):
+        (engine / "kernels" / unread).write_bytes(b"not for this runtime")
+    files = [f"kernels/{name}", f"kernels/{other_sm}", f"kernels/{other_version}", "kernels/notes.txt",
+             "tokenizer.model", "model.safetensors"]
     assert w4a16_cuda.use_engine_kernels(engine, files, 89) == [name]
     assert w4a16_cuda.compile_cubin(89) == b"compiled at build time"
     assert (tmp_path / "cache" / name).read_bytes() == b"compiled at build time"
+    assert set(w4a16_cuda._shipped) == {name}
+    assert w4a16_cuda.use_engine_kernels(engine, files[1:], 89) == []  # an engine without this runtime's cubin
 
 
 def test_shipped_or_cached_kernels_need_no_nvrtc(tmp_path, monkeypatch):

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from edgellm.engine.kernels import ENGINE_KERNELS_DIR, cubin_prefix, cuda_bindings, nvrtc_usable, pdl, sm_count, w4a16_source
+from edgellm.engine.kernels import ENGINE_KERNELS_DIR, cuda_bindings, nvrtc_usable, pdl, sm_count, w4a16_source
 from edgellm.engine.kernels.w4a16_source import (  # noqa: F401 (ENTRIES, min_blocks_per_sm: for the tests and benchmarks)
     BATCH_BLOCKS, BLOCK_SHAPES, ENTRIES, SOURCE, TWO_TILE_SHAPES, block_threads, entry_name, min_blocks_per_sm)
 
@@ -85,16 +85,16 @@ def cubin_name(sm: int) -> str:
 
 
 def use_engine_kernels(engine_dir: Path, files, sm: int) -> list[str]:
-    """Make the kernels for SM `sm` that an engine ships (`kernels/w4a16-mma-sm<sm>-*.cubin` among its
-    manifest's `files`, checked with the other files when the engine is verified) available to
-    compile_cubin, so that a device loads them instead of compiling them at its first start. Their names."""
-    names = []
-    for rel in files:
-        if rel.startswith(f"{ENGINE_KERNELS_DIR}/{cubin_prefix(sm)}") and rel.endswith(".cubin"):
-            name = rel.rpartition("/")[2]
-            _shipped[name] = (Path(engine_dir) / rel).read_bytes()
-            names.append(name)
-    return names
+    """Make the kernels for SM `sm` that an engine ships available to compile_cubin, so that a device
+    loads them instead of compiling them at its first start: the one file this runtime uses,
+    `kernels/<cubin_name(sm)>`, where the manifest lists it (checked with the other files when the
+    engine is verified). Cubins built by another edgellm version (another source, another name) are
+    not read, as `edgellm doctor` reports them. The names taken ([] or [that name])."""
+    name = cubin_name(sm)
+    if f"{ENGINE_KERNELS_DIR}/{name}" not in files:
+        return []
+    _shipped[name] = (Path(engine_dir) / ENGINE_KERNELS_DIR / name).read_bytes()
+    return [name]
 
 
 def compile_cubin(sm: int) -> bytes:
