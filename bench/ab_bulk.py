@@ -1,7 +1,7 @@
 """The bulk-streamed W4A16 kernel beside the ring kernel, per shape and M, in one process (SM 9.0+).
 
 Each round times, per shape and M, the ring kernel (pick_config's choice) and the bulk kernel under
-each setting of --bulk (blocks per SM : stage cap), in turn (bench/kernels.py's method: CUDA-graph
+each setting of --bulk (blocks per SM : stage cap [: fewest K splits]), in turn (bench/kernels.py's method: CUDA-graph
 medians over more weight copies than L2 holds), so that clock drift falls on all alike. First
 prints each kernel's relative error against the dequantized fp32 product; then each round, then
 medians, ratios to the ring kernel and % of the read-only bandwidth; writes ab-bulk.json under --out.
@@ -30,7 +30,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shapes", default=",".join(name for name, _, _ in SHAPES), help="names as in bench/kernels.py")
     ap.add_argument("--m", default="1,4,8", help="rows of x")
-    ap.add_argument("--bulk", default="2:12,1:16", help="bulk settings, BLOCKS_PER_SM:MAX_STAGES[,...]")
+    ap.add_argument("--bulk", default="2:12,1:16", help="bulk settings, BLOCKS_PER_SM:MAX_STAGES[:MIN_SPLIT][,...]")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--group-size", type=int, default=128)
     ap.add_argument("--out", type=Path, default=Path("out"))
@@ -55,8 +55,8 @@ def main() -> int:
 
     def configs(n, k, m):
         out = {"ring": w4a16_cuda.pick_config(n, k, sms, m, block_limit, g == 64)}
-        for blocks, stages in settings:
-            out[f"bulk {blocks}:{stages}"] = w4a16_cuda.pick_bulk_config(n, k, sms, m, sm_shared, blocks, stages)
+        for setting in settings:
+            out["bulk " + ":".join(map(str, setting))] = w4a16_cuda.pick_bulk_config(n, k, sms, m, sm_shared, *setting)
         return out
 
     weights, rows = {}, []
@@ -85,7 +85,7 @@ def main() -> int:
                     t = bench_mma(m, n, k, g, weights[name], gen, cfg)
                     times.setdefault(f"{name} M={m}", {}).setdefault(label, []).append(t)
                     print(f"round {r + 1}: {name} M={m} {label} {t:.2f} us", flush=True)
-    labels = ["ring"] + [f"bulk {b}:{s}" for b, s in settings]
+    labels = ["ring"] + ["bulk " + ":".join(map(str, setting)) for setting in settings]
     print(f"\nmedians over {args.rounds} rounds, us (ratio to ring; % of the read-only bandwidth):")
     print(f"{'shape':18s} " + " ".join(f"{lab:>24s}" for lab in labels))
     for name, n, k in shapes:

@@ -482,25 +482,29 @@ def bulk_shared_bytes(config: BulkConfig, rows: int) -> int:
     return BULK_RING + config.stages * bulk_stage_bytes(rows, config.ks)
 
 
-def bulk_supported(device: torch.device, rows: int) -> bool:
+def bulk_supported(device: torch.device, rows: int, n: int, k: int) -> bool:
     """The bulk kernel runs on SM 9.0+ (the copy engine's cp.async.bulk) for up to 8 rows of x.
-    Off unless EDGELLM_W4A16_BULK=1 until it is measured on the GPU (the ring kernel runs every call)."""
-    if rows > 8 or os.environ.get("EDGELLM_W4A16_BULK", "0") == "0":
+    EDGELLM_W4A16_BULK: 0 (default: the ring kernel runs every call), 1 (every call it takes), or
+    `down` (only projections with K > N, the MLP's down projection), for measuring."""
+    mode = os.environ.get("EDGELLM_W4A16_BULK", "0")
+    if rows > 8 or mode == "0" or (mode == "down" and k <= n):
         return False
     return torch.cuda.get_device_capability(device)[0] >= 9
 
 
 def pick_bulk_config(n: int, k: int, num_sms: int, rows: int, sm_shared: int, blocks_per_sm: int | None = None,
-                     max_stages: int | None = None) -> BulkConfig | None:
+                     max_stages: int | None = None, min_split: int | None = None) -> BulkConfig | None:
     """K split the fewest ways that still gives every block of `blocks_per_sm` per SM a unit (more
     tiles per unit: x is copied once per stage for all of them), the units shared evenly among as
     few blocks as take them all, and as many stages as `blocks_per_sm` blocks leave shared memory for
     (at most `max_stages`). None where not even two stages fit. EDGELLM_BULK_BLOCKS_PER_SM and
-    EDGELLM_BULK_STAGES override the defaults (2 and 12), for measuring."""
+    EDGELLM_BULK_STAGES override the defaults (2 and 12), for measuring; so does EDGELLM_BULK_MIN_SPLIT
+    (the fewest K splits to consider, 1)."""
     blocks_per_sm = blocks_per_sm or int(os.environ.get("EDGELLM_BULK_BLOCKS_PER_SM", "2"))
     max_stages = max_stages or int(os.environ.get("EDGELLM_BULK_STAGES", "12"))
+    min_split = min_split or int(os.environ.get("EDGELLM_BULK_MIN_SPLIT", "1"))
     tiles, pairs = -(-n // 16), k // 128
-    splits = [ks for ks in (1, 2, 4, 8) if pairs % ks == 0]
+    splits = [ks for ks in (1, 2, 4, 8) if pairs % ks == 0 and ks >= min(min_split, pairs & -pairs)]
     target = blocks_per_sm * num_sms
     ks = next((ks for ks in splits if -(-tiles * ks // BULK_WARPS) >= target), splits[-1])
     units = -(-tiles // (BULK_WARPS // ks))
@@ -603,7 +607,7 @@ def w4a16_mma_linear(x: torch.Tensor, w: MmaWeights, bias: torch.Tensor | None =
     gshift = w.group_size.bit_length() - 1
     split_group = w.group_size == 64
     device_index = x.device.index if x.device.index is not None else torch.cuda.current_device()
-    if isinstance(config, BulkConfig) or (config is None and bulk_supported(x.device, m)):
+    if isinstance(config, BulkConfig) or (config is None and bulk_supported(x.device, m, w.n, k)):
         cfg = config or pick_bulk_config(w.n, k, sm_count(x.device), m, shared_bytes_per_sm(device_index))
         if cfg is not None:
             _launch_bulk(x, w, bias, out, cfg, fold or _NO_FOLD, gshift)
