@@ -79,7 +79,7 @@ def test_two_tile_blocks_can_be_turned_off(monkeypatch):
 SM90_PER_SM = 228 * 1024
 
 
-@pytest.mark.parametrize("blocks_per_sm", [1, 2])
+@pytest.mark.parametrize("blocks_per_sm", [None, 1, 2, 3])
 def test_every_bulk_configuration_fits_its_share_of_the_sm(blocks_per_sm):
     """For every engine shape and 1..8 rows: a K split dividing K's pairs, at least two stages, a
     grid of at most blocks_per_sm blocks per SM, each block's shared memory within its share of the
@@ -91,17 +91,37 @@ def test_every_bulk_configuration_fits_its_share_of_the_sm(blocks_per_sm):
             assert config is not None, (n, k, rows)
             assert (k // 128) % config.ks == 0 and config.stages >= 2
             need = w4a16_cuda.bulk_shared_bytes(config, rows)
-            assert need <= SM90_PER_SM // blocks_per_sm - 1024 and need <= SM90_LIMIT, (n, k, rows, config, need)
+            per_sm = blocks_per_sm or 3  # the default picks 2 or 3
+            assert need <= SM90_PER_SM // per_sm - 1024 or (blocks_per_sm is None and need <= SM90_PER_SM // 2 - 1024)
+            assert need <= SM90_LIMIT, (n, k, rows, config, need)
             units = -(-(-(-n // 16)) // (w4a16_cuda.BULK_WARPS // config.ks))
             per_block = -(-units // config.grid)
-            assert config.grid <= blocks_per_sm * 132 and (config.grid - 1) * per_block < units <= config.grid * per_block
+            assert config.grid <= per_sm * 132 and (config.grid - 1) * per_block < units <= config.grid * per_block
 
 
-def test_the_bulk_split_keeps_whole_tiles_per_unit_where_the_tiles_fill_the_grid():
-    """8B gate|up (1792 tiles): a K split of 2 gives 448 units for 264 blocks, shared 2 per block
-    (224 blocks); 8B down (256 tiles) splits K 8 ways, one tile per unit, one unit per block."""
-    assert w4a16_cuda.pick_bulk_config(28672, 4096, 132, 1, SM90_PER_SM, 2, 12) == w4a16_cuda.BulkConfig(2, 10, 224)
-    assert w4a16_cuda.pick_bulk_config(4096, 14336, 132, 1, SM90_PER_SM, 2, 12) == w4a16_cuda.BulkConfig(8, 9, 256)
+def test_the_bulk_pick_is_the_measured_choice():
+    """K split 8 ways (one 8 KB copy per stage); 3 blocks per SM where the units fill them (8B
+    gate|up: 1792 tiles, 5 per block, 6 stages), else 2 with more stages (8B down: 256 tiles, 9
+    stages). Measured on an H100, docs/benchmarks.md, 2026-12-07."""
+    assert w4a16_cuda.pick_bulk_config(28672, 4096, 132, 1, SM90_PER_SM) == w4a16_cuda.BulkConfig(8, 6, 359)
+    assert w4a16_cuda.pick_bulk_config(4096, 14336, 132, 1, SM90_PER_SM) == w4a16_cuda.BulkConfig(8, 9, 256)
+    # fewer splits where asked (measuring): 8B gate|up at a split of 2, 2 blocks per SM
+    assert w4a16_cuda.pick_bulk_config(28672, 4096, 132, 1, SM90_PER_SM, 2, 12, 1) == w4a16_cuda.BulkConfig(2, 10, 224)
+
+
+def test_only_large_weights_take_the_bulk_kernel_by_default(monkeypatch):
+    """Where it was measured faster: the 8B shape's gate|up and down (>= 24 MB of INT4), not its
+    q|k|v and o, nor any 1B projection. (Checked without a GPU: the size rule answers before the
+    device is asked for its SM.)"""
+    monkeypatch.delenv("EDGELLM_W4A16_BULK", raising=False)
+    big = [(n, k) for n, k in SHAPES if n * k // 2 >= w4a16_cuda.BULK_MIN_WEIGHT_BYTES]
+    assert big == [(16384, 3072), (28672, 4096), (4096, 14336)]  # 3B gate|up too (25 MB; not measured)
+    for n, k in SHAPES:
+        if (n, k) not in big:
+            assert not w4a16_cuda.bulk_supported(None, 1, n, k)
+    assert not w4a16_cuda.bulk_supported(None, 9, 28672, 4096)  # more than 8 rows: the ring kernel
+    monkeypatch.setenv("EDGELLM_W4A16_BULK", "0")
+    assert not w4a16_cuda.bulk_supported(None, 1, 28672, 4096)
 
 
 def test_a_bulk_configuration_outside_the_kernel_is_refused():

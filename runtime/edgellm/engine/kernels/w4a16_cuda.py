@@ -482,29 +482,39 @@ def bulk_shared_bytes(config: BulkConfig, rows: int) -> int:
     return BULK_RING + config.stages * bulk_stage_bytes(rows, config.ks)
 
 
+BULK_MIN_WEIGHT_BYTES = 24 << 20  # the bulk kernel runs for INT4 weights of at least this size (see bulk_supported)
+
+
 def bulk_supported(device: torch.device, rows: int, n: int, k: int) -> bool:
-    """The bulk kernel runs on SM 9.0+ (the copy engine's cp.async.bulk) for up to 8 rows of x.
-    EDGELLM_W4A16_BULK: 0 (default: the ring kernel runs every call), 1 (every call it takes), or
-    `down` (only projections with K > N, the MLP's down projection), for measuring."""
-    mode = os.environ.get("EDGELLM_W4A16_BULK", "0")
-    if rows > 8 or mode == "0" or (mode == "down" and k <= n):
+    """Whether a call of up to 8 rows runs the bulk kernel: on SM 9.0+ (the copy engine's
+    cp.async.bulk), for weights of at least BULK_MIN_WEIGHT_BYTES. Measured on an H100
+    (docs/benchmarks.md, 2026-12-07): it beat the ring kernel on the 8B shape's gate|up (0.90x) and
+    down (0.96x), and tied or lost on the smaller projections (8B o and q|k|v, the 1B's: the 1B
+    decode step was 8% slower with it everywhere). EDGELLM_W4A16_BULK: `auto` (default, this rule),
+    0 (never), 1 (every call it takes) or `down` (projections with K > N), for measuring."""
+    mode = os.environ.get("EDGELLM_W4A16_BULK", "auto")
+    if rows > 8 or mode == "0" or (mode == "down" and k <= n) or (mode == "auto" and n * k // 2 < BULK_MIN_WEIGHT_BYTES):
         return False
     return torch.cuda.get_device_capability(device)[0] >= 9
 
 
 def pick_bulk_config(n: int, k: int, num_sms: int, rows: int, sm_shared: int, blocks_per_sm: int | None = None,
                      max_stages: int | None = None, min_split: int | None = None) -> BulkConfig | None:
-    """K split the fewest ways that still gives every block of `blocks_per_sm` per SM a unit (more
-    tiles per unit: x is copied once per stage for all of them), the units shared evenly among as
-    few blocks as take them all, and as many stages as `blocks_per_sm` blocks leave shared memory for
-    (at most `max_stages`). None where not even two stages fit. EDGELLM_BULK_BLOCKS_PER_SM and
-    EDGELLM_BULK_STAGES override the defaults (2 and 12), for measuring; so does EDGELLM_BULK_MIN_SPLIT
-    (the fewest K splits to consider, 1)."""
-    blocks_per_sm = blocks_per_sm or int(os.environ.get("EDGELLM_BULK_BLOCKS_PER_SM", "2"))
+    """K split 8 ways (one 8 KB weight copy per stage, a unit per tile: fewer splits, more tiles per
+    unit, measured slower: 8B gate|up 34.1 against 25.2 us with a split of 2) or, where K has fewer
+    pairs, as many as divide them; units shared evenly among as few blocks as take them all; 3
+    blocks per SM where there are units for them (8B gate|up: 24.1 against 25.2 us at 2), else 2
+    with more stages each (8B down: 13.8 against 15.4 us at 3); as many stages as the block's share
+    of shared memory holds (at most `max_stages`, 12). None where not even two stages fit.
+    EDGELLM_BULK_BLOCKS_PER_SM, EDGELLM_BULK_STAGES and EDGELLM_BULK_MIN_SPLIT override the
+    choices, for measuring."""
+    blocks_per_sm = blocks_per_sm or int(os.environ.get("EDGELLM_BULK_BLOCKS_PER_SM", "0"))
     max_stages = max_stages or int(os.environ.get("EDGELLM_BULK_STAGES", "12"))
-    min_split = min_split or int(os.environ.get("EDGELLM_BULK_MIN_SPLIT", "1"))
+    min_split = min_split or int(os.environ.get("EDGELLM_BULK_MIN_SPLIT", "8"))
     tiles, pairs = -(-n // 16), k // 128
     splits = [ks for ks in (1, 2, 4, 8) if pairs % ks == 0 and ks >= min(min_split, pairs & -pairs)]
+    if not blocks_per_sm:
+        blocks_per_sm = 3 if -(-tiles * splits[0] // BULK_WARPS) >= 3 * num_sms else 2
     target = blocks_per_sm * num_sms
     ks = next((ks for ks in splits if -(-tiles * ks // BULK_WARPS) >= target), splits[-1])
     units = -(-tiles // (BULK_WARPS // ks))
