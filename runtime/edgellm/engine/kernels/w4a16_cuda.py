@@ -662,7 +662,7 @@ def _launch_bulk(x: torch.Tensor, w: MmaWeights, bias: torch.Tensor | None, out:
     early_start = pdl.active(x.device) if cfg.early_start is None else cfg.early_start
     _launch(BULK_ENTRIES[w.group_size == 64], x.device, cfg.grid, 32 * (BULK_WARPS + 1), shared,
             (x.data_ptr(), x.stride(0), m, w.qweight.data_ptr(), w.scale_zero.data_ptr(),
-             0 if bias is None else bias.data_ptr(), out.data_ptr(), out.stride(0), w.n, k, w.group_size.bit_length() - 1,
+             0 if bias is None else bias.data_ptr(), out.data_ptr(), out.stride(0), w.n, k, gshift,
              int(w.gate_up)) + fold.args() + (cfg.ks.bit_length() - 1, cfg.stages),
             (ctypes.c_void_p, ctypes.c_longlong, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
              ctypes.c_void_p, ctypes.c_void_p, ctypes.c_longlong, ctypes.c_int, ctypes.c_int, ctypes.c_int,
