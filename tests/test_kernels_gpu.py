@@ -487,22 +487,15 @@ def test_mma_kernel_configurations(config, n, k, m):
     assert err < REL_TOL
 
 
-@pytest.mark.parametrize("kind", ["bias", "g64", "gate_up", "norm_in", "residual"])
-@pytest.mark.parametrize("m", [1, 3, 8])
-@pytest.mark.parametrize("warps,stages", [(8, 3), (4, 4), (16, 3)])
-def test_two_tile_blocks_write_what_one_tile_blocks_write(kind, m, warps, stages):
-    """A block of two tiles (one read of x for both) gives the one-tile kernel's output bit for
-    bit: the same sums in the same order per tile. Every epilogue: bias, G = 64 (two scales per
-    pair), SiLU(gate) * up, a norm folded in before, the residual add with the next norm's input
-    and sums of squares after (added atomically in any order, exactly: fp64). An odd number
-    of tiles: the last block's second tile lies past N and must write nothing."""
-    w4a16_cuda = _mma_or_skip()
+def _epilogue_case(w4a16_cuda, kind: str, m: int, seed: int):
+    """Inputs for one W4A16 epilogue (bias, g64, gate_up, norm_in, residual) at m rows, an odd number
+    of tiles; returns (run, N, K): run(config) calls the kernel with `config` on fresh outputs
+    (poisoned, or the residual stream) and returns (out, sums of squares, the next norm's input)."""
     g = 64 if kind == "g64" else 128
-    _skip_unless_it_fits(w4a16_cuda, w4a16_cuda.MmaConfig(warps, stages, tiles=2), m, g == 64)
     n, k = (2000, 4096) if kind == "gate_up" else (1000, 4096) if kind != "g64" else (2992, 1536)
     qw = _weights(n, k, g)
     packed = w4a16_cuda.MmaWeights.from_rowpacked(qw.qweight, qw.scales, qw.zeros, g, gate_up=kind == "gate_up")
-    torch.manual_seed(m + n)
+    torch.manual_seed(m + n + seed)
     x = torch.randn(m, k, device="cuda").half()
     bias = torch.randn(n, device="cuda").half() if kind in ("bias", "gate_up") else None
     if kind == "gate_up":
@@ -524,6 +517,21 @@ def test_two_tile_blocks_write_what_one_tile_blocks_write(kind, m, warps, stages
         w4a16_cuda.w4a16_mma_linear(x, packed, bias, out=out, config=config, fold=fold)
         return out, sums, scaled
 
+    return run, n, k
+
+
+@pytest.mark.parametrize("kind", ["bias", "g64", "gate_up", "norm_in", "residual"])
+@pytest.mark.parametrize("m", [1, 3, 8])
+@pytest.mark.parametrize("warps,stages", [(8, 3), (4, 4), (16, 3)])
+def test_two_tile_blocks_write_what_one_tile_blocks_write(kind, m, warps, stages):
+    """A block of two tiles (one read of x for both) gives the one-tile kernel's output bit for
+    bit: the same sums in the same order per tile. Every epilogue: bias, G = 64 (two scales per
+    pair), SiLU(gate) * up, a norm folded in before, the residual add with the next norm's input
+    and sums of squares after (added atomically in any order, exactly: fp64). An odd number
+    of tiles: the last block's second tile lies past N and must write nothing."""
+    w4a16_cuda = _mma_or_skip()
+    _skip_unless_it_fits(w4a16_cuda, w4a16_cuda.MmaConfig(warps, stages, tiles=2), m, kind == "g64")
+    run, _, _ = _epilogue_case(w4a16_cuda, kind, m, seed=0)
     one = run(w4a16_cuda.MmaConfig(warps, 4))
     two = run(w4a16_cuda.MmaConfig(warps, stages, tiles=2))
     torch.cuda.synchronize()
@@ -576,32 +584,7 @@ def test_bulk_kernel_epilogues_agree_with_the_ring_kernel(kind, m):
     same function up to the order of the fp32 sums (K is split otherwise), so outputs within a
     rounding of fp16, the residual's sums of squares within 1e-4. An odd number of units' tiles."""
     w4a16_cuda = _bulk_or_skip()
-    g = 64 if kind == "g64" else 128
-    n, k = (2000, 4096) if kind == "gate_up" else (1000, 4096) if kind != "g64" else (2992, 1536)
-    qw = _weights(n, k, g)
-    packed = w4a16_cuda.MmaWeights.from_rowpacked(qw.qweight, qw.scales, qw.zeros, g, gate_up=kind == "gate_up")
-    torch.manual_seed(m + n + 1)
-    x = torch.randn(m, k, device="cuda").half()
-    bias = torch.randn(n, device="cuda").half() if kind in ("bias", "gate_up") else None
-    if kind == "gate_up":
-        bias = w4a16_cuda.interleave_gate_up(bias)
-    out_n = n // 2 if kind == "gate_up" else n
-    residual = torch.randn(m, n, device="cuda").half()
-    weight = (torch.rand(n, device="cuda") + 0.5).half()
-    in_sumsq = x.double().pow(2).sum(-1) * 0.7
-
-    def run(config):
-        out = residual.clone() if kind == "residual" else _poisoned(m, out_n)
-        sums = torch.full((m,), 3.0, dtype=torch.float64, device="cuda")
-        scaled = _poisoned(m, n)
-        fold = None
-        if kind == "norm_in":
-            fold = w4a16_cuda.Fold(in_sumsq=in_sumsq, eps=1e-5)
-        elif kind == "residual":
-            fold = w4a16_cuda.Fold(add_to_out=True, out_sumsq=sums, next_weight=weight, scaled=scaled)
-        w4a16_cuda.w4a16_mma_linear(x, packed, bias, out=out, config=config, fold=fold)
-        return out, sums, scaled
-
+    run, n, k = _epilogue_case(w4a16_cuda, kind, m, seed=1)
     sms, dev = kernels.sm_count(torch.device("cuda")), torch.cuda.current_device()
     ring = run(w4a16_cuda.pick_config(n, k, sms, m))
     bulk_config = w4a16_cuda.pick_bulk_config(n, k, sms, m, w4a16_cuda.shared_bytes_per_sm(dev))
