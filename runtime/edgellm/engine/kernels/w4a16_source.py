@@ -499,6 +499,13 @@ __device__ __forceinline__ void bulk_copy(u32 dst, const void* src, u32 bytes, u
 #endif
 }
 
+__device__ __forceinline__ void lds128(uint4& v, u32 addr) {
+    asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "r"(addr) : "memory");
+}
+__device__ __forceinline__ void lds64(uint2& v, u32 addr) {
+    asm volatile("ld.shared.v2.u32 {%0, %1}, [%2];" : "=r"(v.x), "=r"(v.y) : "r"(addr) : "memory");
+}
+
 // Bytes of one stage for M rows of x and K split KS ways (w4a16_cuda.bulk_stage_bytes says the same):
 // x row m at BULK_X + m (256 KS + 64) (the 64 shift the rows' banks: 8 rows' fragments in 4 wavefronts).
 __device__ __forceinline__ int bulk_stage_bytes(int M, int ks_shift) { return (BULK_X + M * ((256 << ks_shift) + 64) + 127) & ~127; }
@@ -577,30 +584,49 @@ __device__ __forceinline__ void w4a16_bulk(
     // This lane's bytes in a stage: its 16 of each chunk of the warp's pair, the scale/zero of row g
     // (group q of the stage at + 64 q), its 32 of each chunk's x in row min(g, M - 1) (rows past M repeat
     // the last: their sums are never stored).
-    const int w_at = warp * 1024 + 16 * lane;
     // The pair's group within the stage: a stage's KS pairs start on a multiple of KS * 128, so they
     // cover whole groups (G <= KS * 128: pair ks lies in group ks * 128 / G of them) or lie in one.
-    const int sz_at = BULK_SZ + tb * 64 * stage_groups + 8 * g + 64 * ((ks << 7) >> gshift);
-    const int x_at = BULK_X + min(g, M - 1) * x_row_bytes + 256 * ks + 32 * t;
-    const unsigned char* ring_p = smem + BULK_RING;
+    // The three addresses are carried from step to step (a stage further each, back to slot 0 at the
+    // ring's end): derived afresh from the kernel's arguments, ptxas re-created them at every step
+    // (sm_90 SASS: a consumer's step 153 instructions then, 135 now), and the consumers are what
+    // bound this kernel.
+    const u32 ring_start = smem_address(smem) + BULK_RING, ring_bytes = (u32)(stages * stage_bytes);
+    u32 w_addr = ring_start + warp * 1024 + 16 * lane;
+    u32 sz_addr = ring_start + BULK_SZ + tb * 64 * stage_groups + 8 * g + 64 * ((ks << 7) >> gshift);
+    u32 x_addr = ring_start + BULK_X + min(g, M - 1) * x_row_bytes + 256 * ks + 32 * t;
+    u32 full_bar = full, empty_bar = empty;
     int slot = 0;
     u32 phase = 0;
     int parity = 0;  // of the cross-warp sums' buffer
     for (int unit = blockIdx.x; unit < units; unit += gridDim.x) {
         float acc[1][4] = {{0.f, 0.f, 0.f, 0.f}};
         for (int step = 0; step < steps; ++step) {
-            mbar_wait(full + 8 * slot, phase);
-            const unsigned char* stage = ring_p + slot * stage_bytes;
-            const uint4 w[2] = {*reinterpret_cast<const uint4*>(stage + w_at), *reinterpret_cast<const uint4*>(stage + w_at + 512)};
-            const uint2* szp = reinterpret_cast<const uint2*>(stage + sz_at);
-            const uint2 sz0 = szp[0], sz1 = SPLIT_GROUP ? szp[8] : sz0;
-            const uint4* xp = reinterpret_cast<const uint4*>(stage + x_at);
-            const uint4 xv[4] = {xp[0], xp[1], xp[8], xp[9]};  // chunk h, half e at xv[2 h + e]
+            mbar_wait(full_bar, phase);
+            uint4 w[2], xv[4];  // x: chunk h, half e at xv[2 h + e]
+            uint2 sz0, sz1;
+            lds128(w[0], w_addr);
+            lds128(w[1], w_addr + 512);
+            lds64(sz0, sz_addr);
+            if (SPLIT_GROUP) lds64(sz1, sz_addr + 64); else sz1 = sz0;
+            lds128(xv[0], x_addr);
+            lds128(xv[1], x_addr + 16);
+            lds128(xv[2], x_addr + 128);
+            lds128(xv[3], x_addr + 144);
             __syncwarp();
-            if (lane == 0) mbar_arrive(empty + 8 * slot);  // the slot is read: the producer may refill it
+            if (lane == 0) mbar_arrive(empty_bar);  // the slot is read: the producer may refill it
+            w_addr += stage_bytes;
+            sz_addr += stage_bytes;
+            x_addr += stage_bytes;
+            full_bar += 8;
+            empty_bar += 8;
             if (++slot == stages) {
                 slot = 0;
                 phase ^= 1;
+                w_addr -= ring_bytes;
+                sz_addr -= ring_bytes;
+                x_addr -= ring_bytes;
+                full_bar = full;
+                empty_bar = empty;
             }
             const ScaleZero q[2] = {unpack_sz(sz0), unpack_sz(sz1)};
             float part[2][4];  // [chunk]: two independent MMA chains
@@ -641,8 +667,10 @@ __device__ __forceinline__ void w4a16_bulk(
 #endif
 }
 
+// 3 blocks of 9 warps per SM (pick_bulk_config's choice for large weights) need <= 72 registers:
+// 80 (the allocation unit is 8) would leave room for two.
 #define BULK_ENTRY(NAME, SPLIT_GROUP)                                                                     \
-    extern "C" __global__ void __launch_bounds__(32 * (BULK_WARPS + 1), 2) NAME(                          \
+    extern "C" __global__ void __launch_bounds__(32 * (BULK_WARPS + 1), 3) NAME(                          \
         const u16* x, long long stride_xm, int M, const uint4* qw, const uint2* sz,                       \
         const u16* bias, u16* out, long long stride_om, int N, int K, int gshift, int gate_up,            \
         const double* in_sumsq, float eps, int add_to_out, double* out_sumsq, const u16* next_weight,     \
