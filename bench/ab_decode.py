@@ -16,6 +16,8 @@ w4a16_source.py whose SOURCE (same entries and arguments) replaces the runtime's
 ("current": the runtime's own), compiled with NVRTC on first use:
 
     python3 bench/ab_decode.py --switch W4A16_SOURCE=current,/tmp/w4a16_before.py --rounds 3
+
+ATTENTION_SOURCE=current,PATH.py likewise compares copies of engine/kernels/decode_attention.py.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import decode  # noqa: E402
 from decode import BATCHES, bench_engine, log, measure_bandwidth  # noqa: E402
-from kernel_source import use_kernel_source  # noqa: E402
+from kernel_source import use_attention_source, use_kernel_source  # noqa: E402
 from edgellm.engine.random_engine import write_random_engine  # noqa: E402
 
 
@@ -80,6 +82,8 @@ def main() -> int:
             for value in settings:
                 if name == "W4A16_SOURCE":
                     use_kernel_source(value)
+                elif name == "ATTENTION_SOURCE":
+                    use_attention_source(value)
                 else:
                     os.environ[name] = value
                 pdl.enabled.cache_clear()  # read once per process otherwise
