@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import statistics
 import sys
 from pathlib import Path
 
@@ -22,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from kernels import L2_BYTES, SHAPES, bench_mma, random_weights, read_bandwidth, w4_bytes  # noqa: E402
+from kernels import L2_BYTES, SHAPES, bench_mma, print_medians, random_weights, read_bandwidth, w4_bytes  # noqa: E402
 from edgellm.engine.kernels import sm_count, w4a16_cuda  # noqa: E402
 
 
@@ -86,15 +85,11 @@ def main() -> int:
                     times.setdefault(f"{name} M={m}", {}).setdefault(label, []).append(t)
                     print(f"round {r + 1}: {name} M={m} {label} {t:.2f} us", flush=True)
     labels = ["ring"] + ["bulk " + ":".join(map(str, setting)) for setting in settings]
-    print(f"\nmedians over {args.rounds} rounds, us (ratio to ring; % of the read-only bandwidth):")
-    print(f"{'shape':18s} " + " ".join(f"{lab:>24s}" for lab in labels))
+    medians = print_medians(times, labels, labels, shapes, ms, g, read_bw, args.rounds)
     for name, n, k in shapes:
         for m in ms:
             key = f"{name} M={m}"
-            med = [statistics.median(times[key][lab]) for lab in labels]
-            cells = [f"{t:7.2f} ({t / med[0]:.3f}) {100 * w4_bytes(m, n, k, g) / t / 1e3 / read_bw:3.0f}%" for t in med]
-            print(f"{key:18s} " + " ".join(f"{c:>24s}" for c in cells))
-            rows.append(dict(shape=name, N=n, K=k, M=m, us=times[key], median_us=dict(zip(labels, med)),
+            rows.append(dict(shape=name, N=n, K=k, M=m, us=times[key], median_us=dict(zip(labels, medians[key])),
                              configs={lab: str(c) for lab, c in configs(n, k, m).items()}))
     (args.out / "ab-bulk.json").write_text(json.dumps(dict(read_gbps=read_bw, rows=rows), indent=1))
     return 0

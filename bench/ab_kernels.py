@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import statistics
 import sys
 from pathlib import Path
 
@@ -25,7 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from kernel_source import use_kernel_source  # noqa: E402
-from kernels import L2_BYTES, SHAPES, bench_mma, random_weights, read_bandwidth, w4_bytes  # noqa: E402
+from kernels import L2_BYTES, SHAPES, bench_mma, print_medians, random_weights, read_bandwidth, w4_bytes  # noqa: E402
 from edgellm.engine.kernels import sm_count, w4a16_cuda  # noqa: E402
 
 
@@ -71,28 +70,24 @@ def main() -> int:
         worst = max(errors[src], key=errors[src].get)
         print(f"{src} against {sources[0]}: max relative difference {errors[src][worst]:.2e} ({worst})", flush=True)
     del outputs
-    times: dict[str, dict[str, list[float]]] = {src: {} for src in sources}
+    times: dict[str, dict[str, list[float]]] = {}  # [shape and M][source]
     for r in range(args.rounds):
         for src in sources:
             use_kernel_source(src)
             for name, n, k in shapes:
                 for m in ms:
                     t = bench_mma(m, n, k, g, weights[name], gen)
-                    times[src].setdefault(f"{name} M={m}", []).append(t)
+                    times.setdefault(f"{name} M={m}", {}).setdefault(src, []).append(t)
                     print(f"round {r + 1} {src}: {name} M={m} {t:.2f} us", flush=True)
     use_kernel_source("current")
     rows = []
     sms, shared_limit = sm_count(torch.device("cuda")), w4a16_cuda.max_shared_bytes(torch.cuda.current_device())
-    print(f"\nmedians over {args.rounds} rounds, us (ratio to {sources[0]}; % of the read-only bandwidth):")
-    print(f"{'shape':18s} " + " ".join(f"{Path(s).stem:>26s}" for s in sources))
+    medians = print_medians(times, sources, [Path(s).stem for s in sources], shapes, ms, g, read_bw, args.rounds)
     for name, n, k in shapes:
         for m in ms:
             key = f"{name} M={m}"
-            med = [statistics.median(times[s][key]) for s in sources]
-            cells = [f"{t:7.2f} ({t / med[0]:.3f}) {100 * w4_bytes(m, n, k, g) / t / 1e3 / read_bw:4.0f}%" for t in med]
-            print(f"{key:18s} " + " ".join(f"{c:>26s}" for c in cells))
             rows.append(dict(shape=name, N=n, K=k, M=m, config=w4a16_cuda.pick_config(n, k, sms, m, shared_limit, g == 64).__dict__,
-                             us={s: times[s][key] for s in sources}, median_us=dict(zip(sources, med)),
+                             us=times[key], median_us=dict(zip(sources, medians[key])),
                              max_rel_diff={s: errors[s][key] for s in sources[1:]}))
     (args.out / "ab-kernels.json").write_text(json.dumps(dict(read_gbps=read_bw, sources=sources, rows=rows), indent=1))
     return 0

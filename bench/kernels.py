@@ -111,6 +111,23 @@ def w4_bytes(m: int, n: int, k: int, g: int) -> int:
     return n * k // 2 + 2 * n * (k // g) * 2 + m * k * 2 + m * n * 2
 
 
+def print_medians(times: dict, columns: list[str], headers: list[str], shapes, ms, g: int, read_bw: float,
+                  rounds: int, width: int = 26) -> dict[str, list[float]]:
+    """The A/B scripts' table: per shape and M (key "NAME M=m"), the median over the rounds of each
+    column's times (times[key][column], us), its ratio to the first column's and its % of the
+    read-only bandwidth (GB/s). Returns the medians by key, in column order."""
+    print(f"\nmedians over {rounds} rounds, us (ratio to {headers[0]}; % of the read-only bandwidth):")
+    print(f"{'shape':18s} " + " ".join(f"{h:>{width}s}" for h in headers))
+    medians = {}
+    for name, n, k in shapes:
+        for m in ms:
+            key = f"{name} M={m}"
+            med = medians[key] = [statistics.median(times[key][c]) for c in columns]
+            cells = [f"{t:7.2f} ({t / med[0]:.3f}) {100 * w4_bytes(m, n, k, g) / t / 1e3 / read_bw:4.0f}%" for t in med]
+            print(f"{key:18s} " + " ".join(f"{c:>{width}s}" for c in cells))
+    return medians
+
+
 def candidates(m: int, n: int, k: int, g: int, sms: int):
     """Configurations the table is chosen from (--sweep)."""
     C = w4a16.W4A16Config
