@@ -13,9 +13,10 @@ flash-decoding chunks and their merge were three kernels of ~2-5 us each, mostly
   splits), as a CUDA graph needs, and every program that has positions to read gets an
   equal share; only [0, seq_len) of each row is read;
 * each program ropes the GROUP query heads it needs itself (a few hundred bytes);
-* the program whose chunk holds the new token's position ropes its k, writes k and v into
-  the cache with the arithmetic of fused.rope_and_write_kv (the same bits), and waits on a
-  block barrier so that its own loads below see them;
+* the cache is read only before the new token's position, so a program requests its first
+  K/V tile before it waits for the q|k|v projection (early start); the program whose chunk
+  holds the new token ropes its k, writes k and v into the cache with the arithmetic of
+  fused.rope_and_write_kv (the same bits), and adds that token to its softmax from registers;
 * the merge is done by the last of the row's valid chunks to finish: each stores its
   partial (acc, m, l), then increments a per-(row, kv head) counter with an acq_rel atomic;
   the program that sees the count reach n_valid - 1 reads the others' partials (past L1,
@@ -107,9 +108,10 @@ def decode_attention_rope(
     qkv [B, (Hq + 2 Hkv) * D] fp16, contiguous in the last axis; positions [B] or [B, 1]
     (the new token's position: seq_len = position + 1); slots [B]; cos/sin float32
     [S_max, D] in the rotate-half convention; caches [rows, Hkv, S_max, D] fp16. Launched to
-    start early (kernels/pdl.py), the kernel reads positions, slots, cos and sin before it
-    waits for the kernel launched just before it: that kernel must not write them (in the
-    engine they are the decode step's inputs, written before the step).
+    start early (kernels/pdl.py), the kernel reads positions, slots, cos, sin and the caches
+    before each row's position before it waits for the kernel launched just before it: that
+    kernel must not write them (in the engine they are the decode step's inputs, written
+    before the step, and the caches of earlier steps).
     counters: int32, at least B * Hkv elements, all zero; they are zero again when the kernel
     ends, so one tensor serves every layer and graph replay on a stream (not two launches
     running at once). splits: programs per (row, kv head), each taking an equal share of
@@ -220,27 +222,23 @@ if triton is not None:
             rd = tl.arange(0, D)
             cs_d = tl.load(cos_ptr + pos * stride_cos + rd)
             sn_d = tl.load(sin_ptr + pos * stride_cos + rd)
+            end = tl.minimum(start + chunk, seq_len)
+            # Positions [start, cached_end) come from the cache; the new token's (pos), if in this
+            # chunk, from the q|k|v projection, in registers. So the cache tiles depend on no
+            # kernel of this step: the first is requested before the wait, beside the projection.
+            cached_end = tl.minimum(end, pos)
+            kv_off = slot * stride_kslot + h * stride_kh
+            rs = tl.arange(0, BLOCK_S)
+            k_ptrs = k_ptr + kv_off + rs[None, :] * stride_ks + rd[:, None]  # [D, BLOCK_S]
+            v_ptrs = v_ptr + kv_off + rs[:, None] * stride_ks + rd[None, :]  # [BLOCK_S, D]
+            s_mask = start + rs < cached_end
+            kt = tl.load(k_ptrs + start * stride_ks, mask=s_mask[None, :], other=0.0)
+            v = tl.load(v_ptrs + start * stride_ks, mask=s_mask[:, None], other=0.0)
             if PDL:
                 tl.extra.cuda.gdc_wait()
                 if NEXT_EARLY:
                     tl.extra.cuda.gdc_launch_dependents()
             row = qkv_ptr + b.to(tl.int64) * stride_t  # this row's q heads, then k heads, then v heads
-            kv_off = slot * stride_kslot + h * stride_kh
-            if pos < start + chunk:
-                # The new token is in this chunk: rope its k and write k and v into the cache,
-                # with fused._rope_kv_kernel's arithmetic (the caches hold the same bits).
-                rh = tl.arange(0, HALF)
-                cs = tl.load(cos_ptr + pos * stride_cos + rh)
-                sn = tl.load(sin_ptr + pos * stride_cos + rh)
-                x1 = tl.load(row + (HQ + h) * D + rh).to(tl.float32)
-                x2 = tl.load(row + (HQ + h) * D + HALF + rh).to(tl.float32)
-                dst = kv_off + pos * stride_ks
-                tl.store(k_ptr + dst + rh, (x1 * cs - x2 * sn).to(tl.float16))
-                tl.store(k_ptr + dst + HALF + rh, (x2 * cs + x1 * sn).to(tl.float16))
-                tl.store(v_ptr + dst + rd, tl.load(row + (HQ + HKV + h) * D + rd))
-                # Other threads of this block load those rows in the loop below: a block barrier
-                # orders their loads after the stores.
-                tl.debug_barrier()
             # The GROUP query heads of kv head h, roped: x * cos + rotate_half(x) * sin, with
             # rotate_half(x) = [-x2, x1] read as the other half of each head.
             rg = tl.arange(0, BLOCK_G)
@@ -251,19 +249,16 @@ if triton is not None:
             rotated = tl.where(rd[None, :] < HALF, -x_other, x_other)
             q = (x * cs_d[None, :] + rotated * sn_d[None, :]).to(tl.float16)
 
-            rs = tl.arange(0, BLOCK_S)
-            k_ptrs = k_ptr + kv_off + rs[None, :] * stride_ks + rd[:, None]  # [D, BLOCK_S]
-            v_ptrs = v_ptr + kv_off + rs[:, None] * stride_ks + rd[None, :]  # [BLOCK_S, D]
-            m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
+            # A finite start for the running maximum: a chunk may have no cached position (the new
+            # token first in it), and the interpreter runs the loop over fully masked tiles, where
+            # -inf - -inf would be NaN; from the first real score on, the results are the same.
+            m_i = tl.full([BLOCK_G], -1.0e30, dtype=tl.float32)
             l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
             acc = tl.zeros([BLOCK_G, D], dtype=tl.float32)
-            end = tl.minimum(start + chunk, seq_len)
             # The interpreter needs static loop bounds (the masks do the rest); compiled, the
-            # loop stops at the sequence's end.
-            for s0 in range(0, MAX_CHUNK if INTERPRET else end - start, BLOCK_S):
-                s_mask = start + s0 + rs < end
-                kt = tl.load(k_ptrs + (start + s0) * stride_ks, mask=s_mask[None, :], other=0.0)
-                v = tl.load(v_ptrs + (start + s0) * stride_ks, mask=s_mask[:, None], other=0.0)
+            # loop stops at the cached part's end. Each pass requests the next tile.
+            for s0 in range(0, MAX_CHUNK if INTERPRET else cached_end - start, BLOCK_S):
+                s_mask = start + s0 + rs < cached_end
                 scores = tl.dot(q, kt) * qk_scale  # log2 domain
                 scores = tl.where(s_mask[None, :], scores, float("-inf"))
                 m_new = tl.maximum(m_i, tl.max(scores, axis=1))
@@ -271,6 +266,38 @@ if triton is not None:
                 p = tl.exp2(scores - m_new[:, None])
                 l_i = l_i * alpha + tl.sum(p, axis=1)
                 acc = acc * alpha[:, None] + tl.dot(p.to(tl.float16), v)
+                m_i = m_new
+                next_mask = start + s0 + BLOCK_S + rs < cached_end
+                kt = tl.load(k_ptrs + (start + s0 + BLOCK_S) * stride_ks, mask=next_mask[None, :], other=0.0)
+                v = tl.load(v_ptrs + (start + s0 + BLOCK_S) * stride_ks, mask=next_mask[:, None], other=0.0)
+            if pos < end:
+                # The new token is in this chunk: rope its k and write k and v into the cache
+                # with fused._rope_kv_kernel's arithmetic (the caches hold the same bits), and add
+                # it to the softmax as one more column from registers, with the tiles' rounding
+                # (p to fp16 before it meets v). Its score takes q by halves, roped likewise.
+                rh = tl.arange(0, HALF)
+                cs = tl.load(cos_ptr + pos * stride_cos + rh)
+                sn = tl.load(sin_ptr + pos * stride_cos + rh)
+                x1 = tl.load(row + (HQ + h) * D + rh).to(tl.float32)
+                x2 = tl.load(row + (HQ + h) * D + HALF + rh).to(tl.float32)
+                k1 = (x1 * cs - x2 * sn).to(tl.float16)
+                k2 = (x2 * cs + x1 * sn).to(tl.float16)
+                v_new = tl.load(row + (HQ + HKV + h) * D + rd)
+                dst = kv_off + pos * stride_ks
+                tl.store(k_ptr + dst + rh, k1)
+                tl.store(k_ptr + dst + HALF + rh, k2)
+                tl.store(v_ptr + dst + rd, v_new)
+                q1x = tl.load(q_row + rh[None, :], mask=g_mask[:, None], other=0.0).to(tl.float32)
+                q2x = tl.load(q_row + HALF + rh[None, :], mask=g_mask[:, None], other=0.0).to(tl.float32)
+                q1 = (q1x * cs[None, :] - q2x * sn[None, :]).to(tl.float16).to(tl.float32)
+                q2 = (q2x * cs[None, :] + q1x * sn[None, :]).to(tl.float16).to(tl.float32)
+                score = (tl.sum(q1 * k1.to(tl.float32)[None, :], axis=1)
+                         + tl.sum(q2 * k2.to(tl.float32)[None, :], axis=1)) * qk_scale
+                m_new = tl.maximum(m_i, score)
+                alpha = tl.exp2(m_i - m_new)
+                p = tl.exp2(score - m_new)
+                l_i = l_i * alpha + p
+                acc = acc * alpha[:, None] + p.to(tl.float16).to(tl.float32)[:, None] * v_new.to(tl.float32)[None, :]
                 m_i = m_new
 
             hq = h * GROUP + rg
