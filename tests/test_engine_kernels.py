@@ -130,3 +130,57 @@ def test_the_kernels_compile_for_each_device_class(sm, monkeypatch, kernel_cache
     names += ["w4a16_mma_dequant", "w4a16_mma_repack", "w4a16_mma_pack_scales"]
     missing = [name for name in names if name.encode() + b"\0" not in cubin]
     assert not missing, f"sm_{sm}: no {missing}"
+
+
+# The cubin's per-function resource records: the ELF section ".nv.info" holds attribute records
+# (format byte, attribute byte, 16-bit size, then for format 4 `size` bytes of data); for the two
+# read here the data is (symbol index, value). pyelftools reads the ELF but not these records.
+EIATTR_FRAME_SIZE, EIATTR_REGCOUNT = 0x11, 0x2F
+
+
+def _function_resources(cubin: bytes) -> dict[str, dict[int, int]]:
+    """{function name: {attribute: value}} for EIATTR_FRAME_SIZE and EIATTR_REGCOUNT."""
+    import struct
+
+    (shoff,) = struct.unpack_from("<Q", cubin, 0x28)
+    shentsize, shnum, shstrndx = struct.unpack_from("<HHH", cubin, 0x3A)
+    headers = [struct.unpack_from("<IIQQQQIIQQ", cubin, shoff + i * shentsize) for i in range(shnum)]
+
+    def cstring(offset: int) -> str:
+        return cubin[offset:cubin.index(b"\0", offset)].decode()
+
+    names = {cstring(headers[shstrndx][4] + h[0]): h for h in headers}
+    symtab, strtab, info = names[".symtab"], names[".strtab"], names[".nv.info"]
+    symbols = [cstring(strtab[4] + struct.unpack_from("<I", cubin, symtab[4] + 24 * i)[0])
+               for i in range(symtab[5] // 24)]
+    found: dict[str, dict[int, int]] = {}
+    data, i = cubin[info[4]:info[4] + info[5]], 0
+    while i + 4 <= len(data):
+        fmt, attr, size = data[i], data[i + 1], struct.unpack_from("<H", data, i + 2)[0]
+        if fmt == 4:
+            if attr in (EIATTR_FRAME_SIZE, EIATTR_REGCOUNT):
+                symbol, value = struct.unpack_from("<II", data, i + 4)
+                found.setdefault(symbols[symbol], {})[attr] = value
+            i += 4 + size
+        else:
+            i += 4
+    return found
+
+
+@needs_nvrtc
+def test_on_sm_90_no_kernel_spills_and_the_bulk_kernel_keeps_three_blocks_per_sm(monkeypatch, kernel_cache):
+    """sm_90 (H100), where decode runs the bulk kernel: no entry keeps a stack frame (registers
+    spilled to local memory, which ptxas does quietly when a change needs more registers than the
+    launch bounds allow), and the bulk entries use at most 72 registers, so that 3 blocks of
+    BULK_WARPS + 1 warps fit an SM's 64 K registers (allocated 8 per thread at a time:
+    80 x 32 x 27 > 65536), which pick_bulk_config counts on for large weights."""
+    monkeypatch.setenv("EDGELLM_KERNEL_CACHE", str(kernel_cache))
+    resources = _function_resources(w4a16_cuda.compile_cubin(90))
+    entries = [w4a16_cuda.entry_name(*entry) for entry in w4a16_cuda.ENTRIES] + list(w4a16_cuda.BULK_ENTRIES)
+    assert set(entries) <= set(resources), f"no resource records for {sorted(set(entries) - set(resources))}"
+    spilled = {name: r[EIATTR_FRAME_SIZE] for name, r in resources.items() if r.get(EIATTR_FRAME_SIZE)}
+    assert not spilled, f"stack frames (spilled registers), bytes: {spilled}"
+    threads = 32 * (w4a16_cuda.BULK_WARPS + 1)
+    for name in w4a16_cuda.BULK_ENTRIES:
+        registers = resources[name][EIATTR_REGCOUNT]
+        assert 0 < registers <= 72 and -(-registers // 8) * 8 * threads * 3 <= 65536, (name, registers)
