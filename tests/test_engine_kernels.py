@@ -117,6 +117,11 @@ def test_an_sm_this_hosts_nvrtc_cannot_compile_for_is_left_to_the_devices(tmp_pa
     assert any("could not compile the INT4 GPU kernels for SM 9.9" in m for m in messages), messages
 
 
+def _launch_entries() -> list[str]:
+    """The W4A16 entries the launcher looks up: the ring kernel's, then the bulk kernel's."""
+    return [w4a16_cuda.entry_name(*entry) for entry in w4a16_cuda.ENTRIES] + list(w4a16_cuda.BULK_ENTRIES)
+
+
 @needs_nvrtc
 @pytest.mark.parametrize("sm", [87, 89, 90], ids=["Orin", "L40S", "H100"])
 def test_the_kernels_compile_for_each_device_class(sm, monkeypatch, kernel_cache):
@@ -125,8 +130,7 @@ def test_the_kernels_compile_for_each_device_class(sm, monkeypatch, kernel_cache
     monkeypatch.setenv("EDGELLM_KERNEL_CACHE", str(kernel_cache))
     cubin = w4a16_cuda.compile_cubin(sm)
     assert cubin[:4] == b"\x7fELF"
-    names = [w4a16_cuda.entry_name(*entry) for entry in w4a16_cuda.ENTRIES]
-    names += list(w4a16_cuda.BULK_ENTRIES)  # (empty below SM 9.0: the launcher takes them only on 9.0+)
+    names = _launch_entries()  # (the bulk ones empty below SM 9.0: the launcher takes them only on 9.0+)
     names += ["w4a16_mma_dequant", "w4a16_mma_repack", "w4a16_mma_pack_scales"]
     missing = [name for name in names if name.encode() + b"\0" not in cubin]
     assert not missing, f"sm_{sm}: no {missing}"
@@ -176,7 +180,7 @@ def test_on_sm_90_no_kernel_spills_and_the_bulk_kernel_keeps_three_blocks_per_sm
     80 x 32 x 27 > 65536), which pick_bulk_config counts on for large weights."""
     monkeypatch.setenv("EDGELLM_KERNEL_CACHE", str(kernel_cache))
     resources = _function_resources(w4a16_cuda.compile_cubin(90))
-    entries = [w4a16_cuda.entry_name(*entry) for entry in w4a16_cuda.ENTRIES] + list(w4a16_cuda.BULK_ENTRIES)
+    entries = _launch_entries()
     assert set(entries) <= set(resources), f"no resource records for {sorted(set(entries) - set(resources))}"
     spilled = {name: r[EIATTR_FRAME_SIZE] for name, r in resources.items() if r.get(EIATTR_FRAME_SIZE)}
     assert not spilled, f"stack frames (spilled registers), bytes: {spilled}"
