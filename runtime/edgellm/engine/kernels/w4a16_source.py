@@ -96,6 +96,32 @@ __device__ __forceinline__ void unpack_a(u32 word, u32 za, u32 zb, NibbleMasks m
     a[3] = hfma2((high & mask.high) | magic, sixteenth, zb);
 }
 
+// The bulk kernel's A fragment without the zero point (groups of 128 or more): 1024 + q (rows g)
+// and 1024 + 16 q (rows g + 8), exact in fp16, one LOP3 each. The MMA's sums then carry
+// (1024 + zero) or (1024 + 16 zero) times the sum of x over the pair, which the consumer takes off
+// once per step (w4a16_bulk): 4 instructions per packed word fewer than unpack_a.
+__device__ __forceinline__ void unpack_a_biased(u32 word, NibbleMasks mask, u32 (&a)[4]) {
+    const u32 magic = 0x64006400u;
+    const u32 high = word >> 8;
+    a[0] = (word & mask.low) | magic;
+    a[1] = (word & mask.high) | magic;
+    a[2] = (high & mask.low) | magic;
+    a[3] = (high & mask.high) | magic;
+}
+
+// The epilogue terms of unpack_a_biased's sums for rows g and g + 8, from their scale/zero word:
+// the scale of the sums (row g + 8's are 16 times larger) and the bias to take off per unit of x.
+struct BiasedScale { float sa, sb, ka, kb; };
+__device__ __forceinline__ BiasedScale unpack_biased_scale(uint2 v) {
+    BiasedScale r;
+    r.sa = half_to_float((u16)(v.x & 0xffffu));
+    const float sb = half_to_float((u16)(v.y & 0xffffu));
+    r.sb = sb * 0.0625f;
+    r.ka = r.sa * half_to_float((u16)(v.x >> 16));  // scale (1024 + zero): za = 1024 + zero
+    r.kb = -sb * half_to_float((u16)(v.y >> 16));   // (scale / 16) (1024 + 16 zero) = scale (64 + zero): zb = -(64 + zero)
+    return r;
+}
+
 // Scales (fp32) and zero terms (fp16, both halves: see unpack_a) of rows g and g + 8.
 struct ScaleZero { float sa, sb; u32 za, zb; };
 __device__ __forceinline__ ScaleZero unpack_sz(uint2 v) {
@@ -467,8 +493,9 @@ __device__ __forceinline__ void w4a16_mma(
 // (cp.async.bulk, completing on an mbarrier) of whole stages, each 8 KB of weights (TB tiles x KS
 // pairs), their scale/zero words and the stage's columns of x, up to `stages` stages ahead, across
 // the block's units (a unit: TB tiles, all of K) without a gap; BULK_WARPS consumer warps each
-// take one pair of every stage (warp = tb * KS + ks: tile tb, pair ks) and run the ring kernel's
-// arithmetic on it, from shared memory only. At a unit's end the KS warps of a tile meet in shared
+// take one pair of every stage (warp = tb * KS + ks: tile tb, pair ks), from shared memory only,
+// with the ring kernel's arithmetic for G = 64 and otherwise without the zero point in the
+// dequantization (unpack_a_biased: it is taken off once per step). At a unit's end the KS warps of a tile meet in shared
 // memory and the first stores the tile (store_tile: the same epilogues). In flight per block:
 // stages x 8 KB of weights, no registers, one instruction per copy.
 constexpr int BULK_WARPS = 8;
@@ -581,6 +608,7 @@ __device__ __forceinline__ void w4a16_bulk(
     const int g = lane >> 2, t = lane & 3;
     const u32 opaque_zero = (u32)(K >> 31);
     const NibbleMasks mask{0x000F000Fu + opaque_zero, 0x00F000F0u + opaque_zero};
+    const u32 ones = 0x3C003C00u + opaque_zero;  // fp16 1.0 in both halves
     // This lane's bytes in a stage: its 16 of each chunk of the warp's pair, the scale/zero of row g
     // (group q of the stage at + 64 q), its 32 of each chunk's x in row min(g, M - 1) (rows past M repeat
     // the last: their sums are never stored).
@@ -628,25 +656,48 @@ __device__ __forceinline__ void w4a16_bulk(
                 full_bar = full;
                 empty_bar = empty;
             }
-            const ScaleZero q[2] = {unpack_sz(sz0), unpack_sz(sz1)};
-            float part[2][4];  // [chunk]: two independent MMA chains
+            if constexpr (SPLIT_GROUP) {  // two groups per pair: the ring kernel's arithmetic
+                const ScaleZero q[2] = {unpack_sz(sz0), unpack_sz(sz1)};
+                float part[2][4];  // [chunk]: two independent MMA chains
 #pragma unroll
-            for (int h = 0; h < 2; ++h)
+                for (int h = 0; h < 2; ++h)
 #pragma unroll
-                for (int r = 0; r < 4; ++r) part[h][r] = 0.f;
+                    for (int r = 0; r < 4; ++r) part[h][r] = 0.f;
 #pragma unroll
-            for (int j = 0; j < 4; ++j)
+                for (int j = 0; j < 4; ++j)
 #pragma unroll
-                for (int h = 0; h < 2; ++h) {
-                    u32 a[4];
-                    unpack_a(word_of(w[h], j), q[h].za, q[h].zb, mask, a);
-                    const uint4& v = xv[2 * h + (j >> 1)];
-                    mma_16816(part[h], a, (j & 1) ? v.z : v.x, (j & 1) ? v.w : v.y);
+                    for (int h = 0; h < 2; ++h) {
+                        u32 a[4];
+                        unpack_a(word_of(w[h], j), q[h].za, q[h].zb, mask, a);
+                        const uint4& v = xv[2 * h + (j >> 1)];
+                        mma_16816(part[h], a, (j & 1) ? v.z : v.x, (j & 1) ? v.w : v.y);
+                    }
+#pragma unroll
+                for (int r = 0; r < 4; ++r) {  // C fragment values 0, 1: row g; 2, 3: row g + 8
+                    const float s0 = r < 2 ? q[0].sa : q[0].sb, s1 = r < 2 ? q[1].sa : q[1].sb;
+                    acc[0][r] += s0 * part[0][r] + s1 * part[1][r];
                 }
+            } else {  // one group per pair: the zero point taken off once per step (unpack_a_biased)
+                const BiasedScale q = unpack_biased_scale(sz0);
+                float part[4] = {0.f, 0.f, 0.f, 0.f};  // biased sums, both chunks in one chain
+                float xsum[4] = {0.f, 0.f, 0.f, 0.f};  // the pair's sums of x of columns 2t, 2t + 1 (twice)
 #pragma unroll
-            for (int r = 0; r < 4; ++r) {  // C fragment values 0, 1: row g; 2, 3: row g + 8
-                const float s0 = r < 2 ? q[0].sa : q[0].sb, s1 = r < 2 ? q[1].sa : q[1].sb;
-                acc[0][r] += SPLIT_GROUP ? s0 * part[0][r] + s1 * part[1][r] : s0 * (part[0][r] + part[1][r]);
+                for (int j = 0; j < 4; ++j)
+#pragma unroll
+                    for (int h = 0; h < 2; ++h) {
+                        u32 a[4];
+                        unpack_a_biased(word_of(w[h], j), mask, a);
+                        const uint4& v = xv[2 * h + (j >> 1)];
+                        const u32 b0 = (j & 1) ? v.z : v.x, b1 = (j & 1) ? v.w : v.y;
+                        mma_16816(part, a, b0, b1);
+                        const u32 all_ones[4] = {ones, ones, ones, ones};  // sums of x, exact in fp32
+                        mma_16816(xsum, all_ones, b0, b1);
+                    }
+#pragma unroll
+                for (int r = 0; r < 4; ++r) {  // row g (r < 2): sa P - sa (1024 + zero) S; row g + 8 likewise
+                    const float scale = r < 2 ? q.sa : q.sb, bias = r < 2 ? q.ka : q.kb;
+                    acc[0][r] = fmaf(-bias, xsum[r], fmaf(scale, part[r], acc[0][r]));
+                }
             }
         }
         if (KS > 1) {  // the tile's first warp sums its KS warps' partial tiles
