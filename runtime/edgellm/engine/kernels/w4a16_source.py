@@ -852,13 +852,15 @@ ENTRIES = ([(mb, stages, split, threads, 1) for mb in BATCH_BLOCKS for threads, 
            + [(1, stages, split, threads, 2) for threads, stages in TWO_TILE_SHAPES for split in (False, True)])
 
 
-def min_blocks_per_sm(mb: int, stages: int, threads: int = 256, tiles: int = 1) -> int:
+def min_blocks_per_sm(mb: int, stages: int, threads: int = 256, tiles: int = 1, split_group: bool = False) -> int:
     """The register budget the compiler is held to. Up to 8 rows fit 64 registers without
     spilling: 4 blocks of 8 warps (or 2 of 16) per SM, where 80 registers would allow 3. The
     deep ring is for shapes of at most two blocks per SM. Two-tile blocks: as many as their
-    rings let share an SM (G = 128)."""
+    rings let share an SM of SM 9.0 (228 KB): 3 of 3 slots at G = 128 (69 KB each), but 2 at
+    G = 64, whose 81 KB blocks (a second scale/zero word per pair) cannot run 3 to an SM, and
+    whose code spilled under 3 blocks' 80 registers on SM 8.7 / 8.9."""
     if tiles == 2:
-        return 1 if threads == 512 else 3 if stages == 3 else 2
+        return 1 if threads == 512 else 3 if stages == 3 and not split_group else 2
     if threads == 512:
         return 2 if mb == 1 else 1
     if stages == 8:
@@ -869,7 +871,7 @@ def min_blocks_per_sm(mb: int, stages: int, threads: int = 256, tiles: int = 1) 
 def entries_source() -> str:
     """The kernel entries (MMA_ENTRY lines) appended to SOURCE, one per ENTRIES item."""
     return "".join(f"MMA_ENTRY({entry_name(mb, stages, split, threads, tiles)}, {mb}, {stages}, {str(split).lower()}, "
-                   f"{tiles}, {threads}, {min_blocks_per_sm(mb, stages, threads, tiles)})\n"
+                   f"{tiles}, {threads}, {min_blocks_per_sm(mb, stages, threads, tiles, split)})\n"
                    for mb, stages, split, threads, tiles in ENTRIES)
 
 
