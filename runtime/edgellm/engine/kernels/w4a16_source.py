@@ -495,9 +495,9 @@ __device__ __forceinline__ void w4a16_mma(
 // the block's units (a unit: TB tiles, all of K) without a gap; BULK_WARPS consumer warps each
 // take one pair of every stage (warp = tb * KS + ks: tile tb, pair ks), from shared memory only,
 // with the ring kernel's arithmetic for G = 64 and otherwise without the zero point in the
-// dequantization (unpack_a_biased: it is taken off once per step). At a unit's end the KS warps of a tile meet in shared
-// memory and the first stores the tile (store_tile: the same epilogues). In flight per block:
-// stages x 8 KB of weights, no registers, one instruction per copy.
+// dequantization (unpack_a_biased: it is taken off once per step). At a unit's end the KS warps
+// of a tile meet in shared memory and the first stores the tile (store_tile: the same
+// epilogues). In flight per block: stages x 8 KB of weights, no registers, one instruction per copy.
 constexpr int BULK_WARPS = 8;
 constexpr int BULK_SZ = 8 * 1024;   // a stage: weights [0, 8 KB), scale/zero [8 KB, 9 KB), x rows from 9 KB
 constexpr int BULK_X = 9 * 1024;
