@@ -616,8 +616,8 @@ __device__ __forceinline__ void w4a16_bulk(
     // cover whole groups (G <= KS * 128: pair ks lies in group ks * 128 / G of them) or lie in one.
     // The three addresses are carried from step to step (a stage further each, back to slot 0 at the
     // ring's end): derived afresh from the kernel's arguments, ptxas re-created them at every step
-    // (sm_90 SASS: a consumer's step 153 instructions then, 135 now), and the consumers are what
-    // bound this kernel.
+    // (sm_90 SASS: a consumer's step took 153 instructions that way, 135 carried; 118 since the zero
+    // point left the dequantization), and the consumers bounded this kernel at more than one row.
     const u32 ring_start = smem_address(smem) + BULK_RING, ring_bytes = (u32)(stages * stage_bytes);
     u32 w_addr = ring_start + warp * 1024 + 16 * lane;
     u32 sz_addr = ring_start + BULK_SZ + tb * 64 * stage_groups + 8 * g + 64 * ((ks << 7) >> gshift);
