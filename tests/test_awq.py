@@ -121,7 +121,7 @@ def all_logits(model: Transformer, ids: torch.Tensor) -> torch.Tensor:
     n, t = ids.shape
     positions = torch.arange(t).expand(n, t)
     with torch.no_grad():
-        return model(ids, positions, torch.arange(n), torch.full((n,), t, dtype=torch.int32), last_only=False)
+        return model(ids, positions, torch.arange(n), last_only=False, span=t)
 
 
 @pytest.mark.parametrize("num_kv_heads,bias", [(4, True), (2, False)], ids=["mha-qkv-bias", "gqa"])

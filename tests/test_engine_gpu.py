@@ -6,7 +6,7 @@ import torch
 
 from edgellm.engine.generate import generate
 from edgellm.engine.runner import Engine
-from edgellm.engine.sampling import SamplingParams
+from edgellm.engine.sampling import Sampler, SamplingParams, sample_tokens
 
 pytestmark = pytest.mark.gpu
 
@@ -33,17 +33,59 @@ def test_graph_replayed_decode_equals_eager_decode(demo_engine):
     eager.warm_up()
     eager._graphs.clear()
     params = SamplingParams(max_new_tokens=48)
+    sampled = SamplingParams(max_new_tokens=48, temperature=0.8, top_p=0.95, seed=5)
     for engine in (eager, graphed):
         engine.eos_ids = set()
     # Decode repeats from run to run (the only atomics, the folded norms' sums of squares, add in
     # fp64, where their order does not reach the fp32 value the next norm reads), so the tokens
     # must be equal, near ties included: the random demo engine has many (with fp32 sums, one GPU
     # suite run on 2026-12-04 failed here).
-    for batch in ([PROMPTS[0]], PROMPTS[:2]):
-        want = [r.token_ids for r in generate(eager, batch, [params] * len(batch))]
-        got = [r.token_ids for r in generate(graphed, batch, [params] * len(batch))]
-        print(f"batch {len(batch)}: eager {want[0][:8]}..., graphs {got[0][:8]}...")
+    # Greedy batches take the graph's own argmax; a batch with a sampled row samples from the logits.
+    for batch, batch_params in (([PROMPTS[0]], [params]), (PROMPTS[:2], [params] * 2), (PROMPTS[:2], [params, sampled])):
+        want = [r.token_ids for r in generate(eager, batch, batch_params)]
+        got = [r.token_ids for r in generate(graphed, batch, batch_params)]
+        print(f"batch {len(batch)}: eager {want[-1][:8]}..., graphs {got[-1][:8]}...")
         assert got == want
+
+
+def test_graph_logits_stay_fp16_and_every_sampler_draws_what_it_draws_from_fp32(demo_engine):
+    """The decode graph hands back fp16 logits (no conversion kernel in the step); greedy, seeded
+    top-k / top-p and repetition-penalty sampling pick from them the token they pick from the
+    same values in fp32."""
+    engine = Engine.load(demo_engine, device="cuda")
+    engine.warm_up()
+    prompts = PROMPTS[:2]
+    for slot, prompt in enumerate(prompts):
+        engine.prefill(slot, prompt[:-1])
+    logits = engine.decode([0, 1], [p[-1] for p in prompts], [len(p) - 1 for p in prompts]).clone()
+    assert logits.dtype == torch.float16
+    vocab = engine.config.vocab_size
+    for params in (SamplingParams(), SamplingParams(temperature=0.9, top_k=40, top_p=0.9, seed=11),
+                   SamplingParams(repetition_penalty=1.5), SamplingParams(temperature=1.3, seed=3)):
+        picked = {}
+        for dtype in (torch.float16, torch.float32):
+            samplers = [Sampler(params, vocab, engine.device, p) for p in prompts]
+            picked[dtype] = sample_tokens(logits.to(dtype), samplers).tolist()
+        print(f"{params}: {picked[torch.float16]}")
+        assert picked[torch.float16] == picked[torch.float32]
+
+
+def test_a_greedy_step_takes_the_graphs_argmax_and_its_tokens_feed_only_the_next_step(demo_engine):
+    engine = Engine.load(demo_engine, device="cuda")
+    engine.warm_up()
+    prompts = PROMPTS[:2]
+    for slot, prompt in enumerate(prompts):
+        engine.prefill(slot, prompt[:-1])
+    greedy = [Sampler(SamplingParams(), engine.config.vocab_size, engine.device, p) for p in prompts]
+    rows, positions = [0, 1], [len(p) - 1 for p in prompts]
+    first = engine.decode_sample(rows, rows, [p[-1] for p in prompts], positions, greedy)
+    want = engine._graph_logits[2].float().argmax(dim=-1).tolist()
+    assert first.result() == want
+    second = engine.decode_sample(rows, rows, first.tokens, [p + 1 for p in positions], greedy)
+    want = engine._graph_logits[2].float().argmax(dim=-1).tolist()
+    assert second.result() == want
+    with pytest.raises(RuntimeError, match="overwritten by a later decode step"):
+        engine.decode_sample(rows, rows, first.tokens, [p + 2 for p in positions], greedy)
 
 
 def test_decode_reads_only_live_kv(demo_engine):

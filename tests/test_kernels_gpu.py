@@ -238,12 +238,13 @@ def test_rope_and_write_kv_matches_reference(hq, hkv, d, slot_list, position_row
     assert written == 2 * b * t * hkv, "only the tokens' own cache rows are written"
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
 @pytest.mark.parametrize("rows,vocab", [(1, 128256), (4, 32000), (3, 4097)])
-def test_greedy_argmax_matches_torch(rows, vocab):
+def test_greedy_argmax_matches_torch(rows, vocab, dtype):
     from edgellm.engine.kernels.argmax import argmax_rows
 
     torch.manual_seed(rows)
-    logits = torch.randn(rows, vocab, device="cuda")
+    logits = torch.randn(rows, vocab, device="cuda", dtype=dtype)
     logits[0, vocab // 3] = logits[0, vocab - 1] = logits[0].max() + 1  # a tie across blocks: the first wins
     assert torch.equal(argmax_rows(logits), logits.argmax(dim=-1))
 
@@ -311,7 +312,8 @@ def test_mma_gate_up_kernel_returns_silu_of_gate_times_up(g, m):
 @pytest.mark.parametrize("m", [1, 3, 8, 13, 16])
 def test_mma_kernel_with_a_norm_folded_in_matches_norm_then_projection(gate_up, m):
     """Fold(in_sumsq): the projection of RMSNorm(h) * weight, given h * weight and h's sums of
-    squares, matches the norm (fused.add_rms_norm) followed by the plain projection."""
+    squares (from fused.embed_and_start_folded_norms, h looked up in an embedding table),
+    matches the norm (fused.add_rms_norm) followed by the plain projection."""
     from edgellm.engine.kernels import fused as glue
 
     w4a16_cuda = _mma_or_skip()
@@ -320,7 +322,9 @@ def test_mma_kernel_with_a_norm_folded_in_matches_norm_then_projection(gate_up, 
     plain = w4a16_cuda.MmaWeights.from_rowpacked(qw.qweight, qw.scales, qw.zeros, g)
     packed = w4a16_cuda.MmaWeights.from_rowpacked(qw.qweight, qw.scales, qw.zeros, g, gate_up=gate_up)
     torch.manual_seed(m)
-    h = (torch.randn(m, k, device="cuda") * 3).half()  # a residual stream, not unit scale
+    table = (torch.randn(100, k, device="cuda") * 3).half()  # embeddings: a residual stream, not unit scale
+    tokens = torch.randint(0, 100, (m,), device="cuda")
+    h = table[tokens]
     weight = (torch.rand(k, device="cuda") + 0.5).half()
     bias = torch.randn(n, device="cuda").half()
     normed, _ = glue.add_rms_norm(h, None, weight, eps)
@@ -328,7 +332,8 @@ def test_mma_kernel_with_a_norm_folded_in_matches_norm_then_projection(gate_up, 
     if gate_up:
         ref = torch.nn.functional.silu(ref[:, :n // 2]) * ref[:, n // 2:]
     sumsq = torch.empty(3, m, dtype=torch.float64, device="cuda")
-    scaled = glue.start_folded_norms(h, weight, sumsq)
+    stream, scaled = glue.embed_and_start_folded_norms(tokens, table, weight, sumsq)
+    assert torch.equal(stream, h)
     assert torch.equal(scaled, (h.float() * weight.float()).half())
     assert torch.allclose(sumsq[0].float(), h.float().pow(2).sum(-1), rtol=1e-5) and not sumsq[1:].any()
     out = _poisoned(m, n // 2 if gate_up else n)

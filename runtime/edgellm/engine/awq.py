@@ -151,11 +151,10 @@ def run_block(block: TransformerBlock, x: torch.Tensor, rope: tuple[torch.Tensor
     batch = block.attention.kv_cache.k.shape[0]
     positions = torch.arange(t, device=x.device).expand(batch, t)
     slots = torch.arange(batch, device=x.device)
-    seq_lens = torch.full((batch,), t, dtype=torch.int32, device=x.device)
     for start in range(0, n, batch):
         b = min(batch, n - start)
         rows = slice(start, start + b)
-        y, residual = block(x[rows], None, rope, slots[:b], positions[:b], seq_lens[:b])
+        y, residual = block(x[rows], None, rope, slots[:b], positions[:b], span=t)
         out[rows] = y + residual
     return out
 

@@ -120,13 +120,14 @@ class Attention(nn.Module):
         self.kv_cache: KVCache | None = None
         self.kernels = None  # engine/kernels/fused.py on CUDA
 
-    def forward(self, x, rope: tuple[torch.Tensor, torch.Tensor], slots, positions, seq_lens,
+    def forward(self, x, rope: tuple[torch.Tensor, torch.Tensor], slots, positions,
                 span: int | None = None) -> torch.Tensor:
-        """rope: the (cos, sin) tables [max_seq_len, head_dim], indexed by position; span:
-        seq_lens.max() where the caller knows it (reading it from the GPU waits for the GPU)."""
-        return self.wo(self.attend(self.wqkv(x), rope, slots, positions, seq_lens, span))
+        """rope: the (cos, sin) tables [max_seq_len, head_dim], indexed by position; span: the
+        longest row's live KV length after this step (positions.max() + 1), where the caller
+        knows it (else the reference path reads it from the device, which waits for the GPU)."""
+        return self.wo(self.attend(self.wqkv(x), rope, slots, positions, span))
 
-    def attend(self, qkv, rope, slots, positions, seq_lens, span: int | None = None) -> torch.Tensor:
+    def attend(self, qkv, rope, slots, positions, span: int | None = None) -> torch.Tensor:
         """From the q|k|v projection [B, T, (Hq + 2 Hkv) D] to the attention output [B, T, Hq D]
         (before the output projection); writes k and v into the cache."""
         c = self.config
@@ -150,7 +151,7 @@ class Attention(nn.Module):
 
         # Reference path (CPU, and prefill on GPU): attend over the row's cache up to the
         # longest live length in the batch, masking each query to its own causal prefix.
-        span = int(seq_lens.max()) if span is None else span
+        span = int(positions.max()) + 1 if span is None else span
         keys = cache.k[slots, :, :span].to(q.dtype)
         values = cache.v[slots, :, :span].to(q.dtype)
         if span == t:
@@ -193,13 +194,13 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.feed_forward = FeedForward(config, linears["w13"], linears["w2"])
 
-    def forward(self, x, residual, rope, slots, positions, seq_lens, span: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x, residual, rope, slots, positions, span: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (this block's output, the residual stream before it): the next norm adds them."""
         h, residual = self.attention_norm(x, residual)
-        h, residual = self.ffn_norm(self.attention(h, rope, slots, positions, seq_lens, span), residual)
+        h, residual = self.ffn_norm(self.attention(h, rope, slots, positions, span), residual)
         return self.feed_forward(h), residual
 
-    def forward_folded(self, h, scaled, sumsq, next_norm, rope, slots, positions, seq_lens, span=None) -> None:
+    def forward_folded(self, h, scaled, sumsq, next_norm, rope, slots, positions, span=None) -> None:
         """This block with its norms folded into its INT4 projections (see Transformer.folds_norms).
         h: the residual stream [M, D], updated in place; scaled: h * attention_norm.weight on
         entry, h * next_norm.weight on exit; sumsq: [3, M] sums of squares of h at this
@@ -209,7 +210,7 @@ class TransformerBlock(nn.Module):
         attention, ffn = self.attention, self.feed_forward
         b, t = positions.shape
         qkv = attention.wqkv.folded(scaled, Fold(in_sumsq=sumsq[0], eps=self.attention_norm.eps))
-        out = attention.attend(qkv.view(b, t, -1), rope, slots, positions, seq_lens, span)
+        out = attention.attend(qkv.view(b, t, -1), rope, slots, positions, span)
         attention.wo.folded(out.view(b * t, -1), Fold(add_to_out=True, out_sumsq=sumsq[1], next_weight=self.ffn_norm.weight,
                                                        scaled=scaled), out=h)
         act = ffn.w13.folded(scaled, Fold(in_sumsq=sumsq[1], eps=self.ffn_norm.eps))
@@ -279,19 +280,18 @@ class Transformer(nn.Module):
         tokens: torch.Tensor,  # [B, T]
         positions: torch.Tensor,  # [B, T]
         slots: torch.Tensor,  # [B]
-        seq_lens: torch.Tensor,  # [B]: live KV length of each row after this step
         last_only: bool = True,
-        span: int | None = None,  # seq_lens.max(), where the caller knows it (else each layer reads it from the device)
+        span: int | None = None,  # positions.max() + 1, where the caller knows it (else each layer reads it from the device)
         last_index: torch.Tensor | None = None,  # [1]: the logits of this position only (a padded prompt's last token)
     ) -> torch.Tensor:
-        x = self.tok_embeddings(tokens)
         residual = None
         rope = (self.rope_cos, self.rope_sin)
         if self.folds_norms and tokens.numel() <= self.fold_rows:
-            x = self._folded_layers(x, rope, slots, positions, seq_lens, span)  # the residual stream, whole
+            x = self._folded_layers(tokens, rope, slots, positions, span)  # the residual stream, whole
         else:
+            x = self.tok_embeddings(tokens)
             for layer in self.layers:
-                x, residual = layer(x, residual, rope, slots, positions, seq_lens, span)
+                x, residual = layer(x, residual, rope, slots, positions, span)
         if last_index is not None:
             x = x.index_select(1, last_index)
             residual = None if residual is None else residual.index_select(1, last_index)
@@ -299,21 +299,25 @@ class Transformer(nn.Module):
             x = x[:, -1:]
             residual = None if residual is None else residual[:, -1:]
         x, _ = self.norm(x, residual)
-        return F.linear(x, self.lm_head_weight()).float()
+        # Logits in the activations' dtype (fp16 on the GPU): greedy's argmax reads them as they
+        # are, and samplers that compute with them convert first (sampling.sample_tokens). A
+        # conversion here was a kernel of its own in every decode step (4.3 us on an H100).
+        return F.linear(x, self.lm_head_weight())
 
-    def _folded_layers(self, x, rope, slots, positions, seq_lens, span) -> torch.Tensor:
+    def _folded_layers(self, tokens, rope, slots, positions, span) -> torch.Tensor:
         """The layers with every RMSNorm folded into the INT4 projections before and after it
-        (w4a16_cuda.Fold): no norm kernel runs between the projections. x: the embeddings
-        [B, T, D]; returns the residual stream after the last layer."""
+        (w4a16_cuda.Fold): no norm kernel runs between the projections. tokens: [B, T]; returns
+        the residual stream after the last layer [B, T, D]."""
         from edgellm.engine.kernels import fused
 
-        b, t, d = x.shape
-        h = x.reshape(b * t, d)  # the residual stream, updated in place by the projections
+        b, t = tokens.shape
         n = len(self.layers)
         # each norm's sums of squares, fp64: summed exactly whatever the order of the kernels' atomics (w4a16_cuda.Fold)
-        sumsq = torch.empty(2 * n + 1, b * t, dtype=torch.float64, device=x.device)
-        scaled = fused.start_folded_norms(h, self.layers[0].attention_norm.weight, sumsq)
+        sumsq = torch.empty(2 * n + 1, b * t, dtype=torch.float64, device=tokens.device)
+        # h: the embeddings, the residual stream from here on (updated in place by the projections)
+        h, scaled = fused.embed_and_start_folded_norms(tokens.reshape(-1), self.tok_embeddings.weight,
+                                                       self.layers[0].attention_norm.weight, sumsq)
         for i, layer in enumerate(self.layers):
             next_norm = self.layers[i + 1].attention_norm if i + 1 < n else None
-            layer.forward_folded(h, scaled, sumsq[2 * i:2 * i + 3], next_norm, rope, slots, positions, seq_lens, span)
-        return h.view(b, t, d)
+            layer.forward_folded(h, scaled, sumsq[2 * i:2 * i + 3], next_norm, rope, slots, positions, span)
+        return h.view(b, t, -1)

@@ -22,7 +22,7 @@ from edgellm.engine.kernels import available as kernels_available, start_hashing
 from edgellm.engine.linear import Int4Linear, dense_linear
 from edgellm.engine.manifest import CPU_TARGET, Manifest, read_manifest, verify_files
 from edgellm.engine.model import Transformer
-from edgellm.engine.sampling import Sampler, sample_tokens
+from edgellm.engine.sampling import Sampler, greedy_tokens, only_argmax, sample_tokens
 from edgellm.engine.weights import WEIGHTS_NAME, load_weights
 from edgellm.errors import EngineFormatError, RequestError
 
@@ -58,7 +58,7 @@ class PendingTokens:
     `tokens` stays on the GPU: a next step can take them as its input before the host has
     read them, so the host's work between steps overlaps the GPU's (see decode_sample)."""
 
-    tokens: torch.Tensor  # int64 [B], on the engine's device
+    tokens: torch.Tensor  # int64 [B], on the engine's device; as an input, good for the next step only
     rows: list  # the caller's handles of the B rows (compared with ==: ids, or objects equal only to themselves)
     _host: torch.Tensor  # where `tokens` are copied for the host (pinned on CUDA)
     _copied: torch.cuda.Event | None
@@ -91,6 +91,11 @@ class Engine:
         # CUDA-graph decode: one graph per batch size, all replaying from these static buffers.
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._graph_logits: dict[int, torch.Tensor] = {}
+        # Each graph also writes its logits' argmax over its own token input: a greedy batch's next
+        # step then starts with no copy of its tokens (decode_sample). The view the last replay
+        # wrote, until the next decode call overwrites it:
+        self._graph_tokens: dict[int, torch.Tensor] = {}
+        self._fresh_tokens: torch.Tensor | None = None
         self._static_inputs: torch.Tensor | None = None  # int64 [3, max_batch]: tokens, positions, slots
         # Pinned mirrors [2, 3, max_batch], used in turn (so a step allocates nothing on the host, and
         # a step may be prepared while the previous one's inputs are still being copied).
@@ -248,7 +253,8 @@ class Engine:
     # ---- steps ----------------------------------------------------------------------
     @torch.inference_mode()
     def prefill(self, slot: int, token_ids: list[int], start_pos: int = 0) -> torch.Tensor:
-        """Run token_ids into `slot` at positions start_pos.. ; returns the last token's logits [V]."""
+        """Run token_ids into `slot` at positions start_pos.. ; returns the last token's logits [V]
+        (the compute dtype: fp16 on CUDA, fp32 on the CPU)."""
         n = len(token_ids)
         length = next((t for t in self._prefill_graphs if t >= n), None) if start_pos == 0 else None
         if length is not None:
@@ -260,12 +266,12 @@ class Engine:
         tokens = torch.tensor([token_ids], dtype=torch.long, device=dev)
         positions = torch.arange(start_pos, start_pos + n, device=dev)[None]
         slots = torch.tensor([slot], device=dev)
-        seq_lens = torch.tensor([start_pos + n], dtype=torch.int32, device=dev)
-        return self.model(tokens, positions, slots, seq_lens, span=start_pos + n)[0, -1]
+        return self.model(tokens, positions, slots, span=start_pos + n)[0, -1]
 
     @torch.inference_mode()
     def decode(self, slots: list[int], token_ids: Sequence[int] | torch.Tensor, positions: list[int]) -> torch.Tensor:
-        """One new token per slot, token_ids[i] sitting at positions[i]; returns logits [B, V].
+        """One new token per slot, token_ids[i] sitting at positions[i]; returns logits [B, V]
+        (the compute dtype, as prefill's).
         token_ids may be an int64 tensor on the device (a previous step's sampled tokens).
 
         With graphs captured (CUDA, after warm_up) the result is the graph's static output
@@ -276,6 +282,10 @@ class Engine:
         b = len(slots)
         on_device = isinstance(token_ids, torch.Tensor)
         self._turn ^= 1  # this step's pinned buffers (decode_sample's too)
+        fresh, self._fresh_tokens = self._fresh_tokens, None
+        if on_device and token_ids is not fresh and any(token_ids is t for t in self._graph_tokens.values()):
+            raise RuntimeError("these tokens were overwritten by a later decode step: a step's tokens can be "
+                               "the input of the step right after it only; pass them as ints otherwise")
         graph = self._graphs.get(b)
         if graph is not None:
             host_all = self._host_inputs[self._turn]
@@ -284,11 +294,13 @@ class Engine:
             host[2, :b] = slots
             if on_device:
                 self._static_inputs[1:, :b].copy_(host_all[1:, :b], non_blocking=True)
-                self._static_inputs[0, :b].copy_(token_ids)
+                if token_ids is not fresh or len(fresh) != b:  # else the last replay left them in place
+                    self._static_inputs[0, :b].copy_(token_ids)
             else:
                 host[0, :b] = token_ids
                 self._static_inputs[:, :b].copy_(host_all[:, :b], non_blocking=True)
             graph.replay()
+            self._fresh_tokens = self._graph_tokens[b]
             return self._graph_logits[b]
         dev = self.device
         if on_device:
@@ -297,8 +309,7 @@ class Engine:
             tokens = torch.tensor(token_ids, dtype=torch.long, device=dev)[:, None]
         pos = torch.tensor(positions, dtype=torch.long, device=dev)[:, None]
         slot_t = torch.tensor(slots, device=dev)
-        seq_lens = (pos[:, 0] + 1).to(torch.int32)
-        return self.model(tokens, pos, slot_t, seq_lens, span=max(positions) + 1)[:, -1]
+        return self.model(tokens, pos, slot_t, span=max(positions) + 1)[:, -1]
 
     def decode_sample(self, rows: list, slots: list[int], token_ids: Sequence[int] | torch.Tensor,
                       positions: list[int], samplers: list[Sampler]) -> PendingTokens:
@@ -309,9 +320,14 @@ class Engine:
         step N's `tokens` (PendingTokens.continues) and only then reads step N's tokens, so the
         host's work between steps (reading tokens, detokenizing, streaming, the next launch)
         runs while the GPU computes. A row that turns out to have finished at step N gets one
-        more token computed at step N + 1, which the caller drops."""
+        more token computed at step N + 1, which the caller drops. A greedy batch's tokens are
+        the graph's own argmax, which it wrote into its token input: no sampling kernel runs
+        between the steps and no copy starts the next one."""
         logits = self.decode(slots, token_ids, positions)
-        tokens = sample_tokens(logits, samplers)
+        if self._fresh_tokens is not None and only_argmax(samplers):
+            tokens = self._fresh_tokens  # the graph's own argmax, already where the next step reads it
+        else:
+            tokens = sample_tokens(logits, samplers)
         if self.device.type != "cuda":
             return PendingTokens(tokens, rows, tokens, None)
         if self._host_tokens is None:
@@ -324,13 +340,13 @@ class Engine:
 
     @torch.inference_mode()
     def score(self, token_ids: list[int], slot: int = 0) -> torch.Tensor:
-        """Logits for every position of one sequence [T, V] (for evaluation, not serving)."""
+        """Logits for every position of one sequence [T, V], in the compute dtype (for evaluation,
+        not serving)."""
         dev = self.device
         n = len(token_ids)
         tokens = torch.tensor([token_ids], dtype=torch.long, device=dev)
         positions = torch.arange(n, device=dev)[None]
-        seq_lens = torch.tensor([n], dtype=torch.int32, device=dev)
-        return self.model(tokens, positions, torch.tensor([slot], device=dev), seq_lens, last_only=False, span=n)[0]
+        return self.model(tokens, positions, torch.tensor([slot], device=dev), last_only=False, span=n)[0]
 
     def warm_up(self) -> None:
         """Run each step shape once (and on CUDA capture the prefill graphs and the decode
@@ -394,14 +410,13 @@ class Engine:
             tokens = self._prefill_inputs[2:2 + t].view(1, t)
 
             def step():
-                # Everything a graph reads must outlive it: positions and lengths are made inside
-                # the graph (in its pool), the rest are views of self._prefill_inputs.
+                # Everything a graph reads must outlive it: positions are made inside the graph
+                # (in its pool), the rest are views of self._prefill_inputs.
                 positions = torch.arange(t, device=dev)[None]
-                seq_lens = torch.full((1,), t, dtype=torch.int32, device=dev)
                 # cuDNN's attention is left out: its captured nodes can read host memory that is
                 # freed before the graph replays (pytorch/pytorch#169849).
                 with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
-                    return self.model(tokens, positions, slot, seq_lens, span=t, last_index=last)[0, -1]
+                    return self.model(tokens, positions, slot, span=t, last_index=last)[0, -1]
 
             self._prefill_graphs[t], self._prefill_logits[t] = self._capture(step, pool)
         self._prefill_graphs = dict(sorted(self._prefill_graphs.items()))  # prefill() takes the first that fits
@@ -418,16 +433,21 @@ class Engine:
             slots = self._static_inputs[2, :b]
 
             def step():
-                seq_lens = (positions[:, 0] + 1).to(torch.int32)
-                return self.model(tokens, positions, slots, seq_lens)[:, -1]
+                # No span: the decode attention kernel reads each row's length from its position.
+                logits = self.model(tokens, positions, slots)[:, -1]
+                greedy_tokens(logits, out=tokens.view(b))  # a greedy next step's input (decode_sample)
+                return logits
 
             self._graphs[b], self._graph_logits[b] = self._capture(step, pool)
+            self._graph_tokens[b] = self._static_inputs[0, :b]
 
     def free(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)  # a decode step may still be in flight (decode_sample)
         self._graphs.clear()
         self._graph_logits.clear()
+        self._graph_tokens.clear()
+        self._fresh_tokens = None
         self._prefill_graphs.clear()
         self._prefill_logits.clear()
         self.model = None

@@ -79,10 +79,16 @@ class Sampler:
         return token
 
 
+def only_argmax(samplers: list[Sampler]) -> bool:
+    """Whether every row's token is the argmax of its logits (greedy, no repetition penalty)."""
+    return all(s.greedy and s.seen is None for s in samplers)
+
+
 def sample_tokens(logits: torch.Tensor, samplers: list[Sampler]) -> torch.Tensor:
     """One token per row of [B, V] logits -> int64 [B] on the logits' device (no host sync)."""
-    if all(s.greedy and s.seen is None for s in samplers):
-        return greedy_tokens(logits)
+    if only_argmax(samplers):
+        return greedy_tokens(logits)  # any float dtype: the argmax of fp16 logits is that of their fp32 values
+    logits = logits.float()  # penalties, temperature and softmax in fp32 (the GPU's logits are fp16)
     return torch.stack([s.next_token(logits[i]) for i, s in enumerate(samplers)])
 
 
@@ -91,13 +97,14 @@ def sample_batch(logits: torch.Tensor, samplers: list[Sampler]) -> list[int]:
     return sample_tokens(logits, samplers).tolist()
 
 
-def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
-    """argmax of each row of [B, V] logits (on CUDA a Triton kernel: torch's reduction over
-    a 128K vocabulary takes longer than two transformer layers of a 1B model)."""
+def greedy_tokens(logits: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """argmax of each row of [B, V] logits, into `out` (int64 [B]) if given (on CUDA a Triton
+    kernel: torch's reduction over a 128K vocabulary takes longer than two transformer layers of
+    a 1B model)."""
     from edgellm.engine import kernels
 
     if logits.is_cuda and kernels.available():
         from edgellm.engine.kernels.argmax import argmax_rows
 
-        return argmax_rows(logits)
-    return logits.argmax(dim=-1)
+        return argmax_rows(logits, out=out)
+    return logits.argmax(dim=-1) if out is None else torch.argmax(logits, dim=-1, out=out)

@@ -23,8 +23,9 @@ except ImportError:  # CI and CPU-only hosts: the module imports, the kernel doe
 BLOCK = 4096
 
 
-def argmax_rows(logits: torch.Tensor) -> torch.Tensor:
-    """Index of the first maximum of each row of a 2-D float tensor -> int64 [rows]."""
+def argmax_rows(logits: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Index of the first maximum of each row of a 2-D float tensor -> int64 [rows] (`out`, if
+    given: a contiguous int64 [rows] tensor on the same device)."""
     if triton is None:
         raise RuntimeError("argmax_rows needs Triton; use torch.argmax on this host")
     if logits.dim() != 2:
@@ -34,7 +35,11 @@ def argmax_rows(logits: torch.Tensor) -> torch.Tensor:
     blocks = triton.cdiv(vocab, BLOCK)
     part_val = torch.empty(rows, blocks, dtype=torch.float32, device=logits.device)
     part_idx = torch.empty(rows, blocks, dtype=torch.int64, device=logits.device)
-    out = torch.empty(rows, dtype=torch.int64, device=logits.device)
+    if out is None:
+        out = torch.empty(rows, dtype=torch.int64, device=logits.device)
+    elif out.shape != (rows,) or out.dtype != torch.int64 or not out.is_contiguous() or out.device != logits.device:
+        raise ValueError(f"out must be a contiguous int64 [{rows}] tensor on {logits.device}, "
+                         f"got {out.dtype} {tuple(out.shape)} on {out.device}")
     early = pdl.triton_options(logits.device)
     if rows:
         _block_argmax_kernel[(rows, blocks)](logits, part_val, part_idx, vocab, logits.stride(0), blocks,

@@ -13,8 +13,9 @@ engine/model.py (float32 arithmetic, one rounding to fp16 at the end):
   projection output, and k, v written into the static KV cache at each token's slot and
   position (decode and prefill alike: one program per token and head).
 * `silu_mul`: SiLU(gate) * up from the fused gate|up projection output.
-* `start_folded_norms`: where the norms are folded into the INT4 projections
-  (w4a16_cuda.Fold), the first norm's input for the first projection.
+* `embed_and_start_folded_norms`: where the norms are folded into the INT4 projections
+  (w4a16_cuda.Fold), the embedding lookup and the first norm's input for the first
+  projection.
 
 All take and return fp16 CUDA tensors and allocate nothing but their outputs, so they are
 CUDA-graph capturable. On hosts without Triton the module imports; the functions raise.
@@ -68,27 +69,31 @@ def add_rms_norm(
     return normed.view(shape), total.view(shape)
 
 
-def start_folded_norms(h: torch.Tensor, weight: torch.Tensor, sumsq: torch.Tensor) -> torch.Tensor:
+def embed_and_start_folded_norms(tokens: torch.Tensor, table: torch.Tensor, weight: torch.Tensor,
+                                 sumsq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The start of a decode step whose norms are folded into the INT4 projections
-    (w4a16_cuda.Fold): h [M, D] fp16 is the residual stream (the embeddings), `weight` the
-    first norm's. Returns h * weight (fp16 [M, D]) and writes sumsq[0, m] = sum(h[m]^2)
-    and zero into the rest of sumsq ([norms, M] fp64: the later norms' sums are added up by
-    the projections before them, exactly in any order)."""
+    (w4a16_cuda.Fold), in one kernel: h = table[tokens] (int64 [M] ids into the fp16 [V, D]
+    embedding table) is the residual stream, `weight` the first norm's. Returns (h, h * weight),
+    both fp16 [M, D], and writes sumsq[0, m] = sum(h[m]^2) and zero into the rest of sumsq
+    ([norms, M] fp64: the later norms' sums are added up by the projections before them,
+    exactly in any order)."""
     _require_triton()
-    rows, d = h.shape
-    if (h.stride(1) != 1 or sumsq.dim() != 2 or sumsq.shape[1] != rows or not sumsq.is_contiguous()
-            or sumsq.dtype != torch.float64):
-        raise ValueError(f"expected h [M, D] contiguous in D and sumsq [norms, M] contiguous fp64; got h "
-                         f"{tuple(h.shape)}, sumsq {tuple(sumsq.shape)} {sumsq.dtype}")
-    scaled = torch.empty(rows, d, dtype=h.dtype, device=h.device)
+    rows, d = tokens.numel(), table.shape[1]
+    if (tokens.dim() != 1 or not tokens.is_contiguous() or tokens.dtype != torch.int64 or table.stride(1) != 1
+            or sumsq.dim() != 2 or sumsq.shape[1] != rows or not sumsq.is_contiguous() or sumsq.dtype != torch.float64):
+        raise ValueError(f"expected int64 tokens [M], a table [V, D] contiguous in D and sumsq [norms, M] contiguous "
+                         f"fp64; got tokens {tokens.dtype} {tuple(tokens.shape)}, table {tuple(table.shape)}, "
+                         f"sumsq {tuple(sumsq.shape)} {sumsq.dtype}")
+    h = torch.empty(rows, d, dtype=table.dtype, device=table.device)
+    scaled = torch.empty_like(h)
     if rows:
         block = triton.next_power_of_2(d)
-        _start_folded_norms_kernel[(rows,)](
-            h, weight, scaled, sumsq, d, h.stride(0), rows, sumsq.shape[0],
+        _embed_start_folded_norms_kernel[(rows,)](
+            tokens, table, weight, h, scaled, sumsq, d, table.stride(0), rows, sumsq.shape[0],
             BLOCK=block, BLOCK_NORMS=triton.next_power_of_2(sumsq.shape[0]), num_warps=min(16, max(1, block // 256)),
-            **pdl.triton_options(h.device),
+            **pdl.triton_options(table.device),
         )
-    return scaled
+    return h, scaled
 
 
 def rope_and_write_kv(
@@ -174,13 +179,16 @@ if triton is not None:
         tl.store(normed_ptr + row * D + cols, (xf * inv_rms * w).to(tl.float16), mask=mask)
 
     @triton.jit
-    def _start_folded_norms_kernel(h_ptr, w_ptr, scaled_ptr, sumsq_ptr, D, stride_h, M, NORMS,
-                                   BLOCK: tl.constexpr, BLOCK_NORMS: tl.constexpr, PDL: tl.constexpr):
+    def _embed_start_folded_norms_kernel(tok_ptr, table_ptr, w_ptr, h_ptr, scaled_ptr, sumsq_ptr, D, stride_table, M,
+                                         NORMS, BLOCK: tl.constexpr, BLOCK_NORMS: tl.constexpr, PDL: tl.constexpr):
         pdl.start(PDL)
         row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK)
         mask = cols < D
-        x = tl.load(h_ptr + row * stride_h + cols, mask=mask, other=0.0).to(tl.float32)
+        token = tl.load(tok_ptr + row)
+        h = tl.load(table_ptr + token * stride_table + cols, mask=mask, other=0.0)
+        tl.store(h_ptr + row * D + cols, h, mask=mask)
+        x = h.to(tl.float32)
         w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
         tl.store(scaled_ptr + row * D + cols, (x * w).to(tl.float16), mask=mask)
         norms = tl.arange(0, BLOCK_NORMS)
