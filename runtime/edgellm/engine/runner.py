@@ -92,9 +92,8 @@ class Engine:
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._graph_logits: dict[int, torch.Tensor] = {}
         # Each graph also writes its logits' argmax over its own token input: a greedy batch's next
-        # step then starts with no copy of its tokens (decode_sample). The view the last replay
-        # wrote, until the next decode call overwrites it:
-        self._graph_tokens: dict[int, torch.Tensor] = {}
+        # step then starts with no copy of its tokens (decode_sample). A view of what the last
+        # replay wrote there, new at each step, good until the next decode call:
         self._fresh_tokens: torch.Tensor | None = None
         self._static_inputs: torch.Tensor | None = None  # int64 [3, max_batch]: tokens, positions, slots
         # Pinned mirrors [2, 3, max_batch], used in turn (so a step allocates nothing on the host, and
@@ -283,7 +282,8 @@ class Engine:
         on_device = isinstance(token_ids, torch.Tensor)
         self._turn ^= 1  # this step's pinned buffers (decode_sample's too)
         fresh, self._fresh_tokens = self._fresh_tokens, None
-        if on_device and token_ids is not fresh and any(token_ids is t for t in self._graph_tokens.values()):
+        if (on_device and token_ids is not fresh and self._static_inputs is not None
+                and token_ids.data_ptr() == self._static_inputs.data_ptr()):  # an earlier step's view
             raise RuntimeError("these tokens were overwritten by a later decode step: a step's tokens can be "
                                "the input of the step right after it only; pass them as ints otherwise")
         graph = self._graphs.get(b)
@@ -300,7 +300,7 @@ class Engine:
                 host[0, :b] = token_ids
                 self._static_inputs[:, :b].copy_(host_all[:, :b], non_blocking=True)
             graph.replay()
-            self._fresh_tokens = self._graph_tokens[b]
+            self._fresh_tokens = self._static_inputs[0, :b]
             return self._graph_logits[b]
         dev = self.device
         if on_device:
@@ -363,13 +363,10 @@ class Engine:
 
     @torch.inference_mode()
     def _capture_graphs(self) -> None:
-        from edgellm.engine.kernels import pdl
-
         pool = torch.cuda.graph_pool_handle()  # one memory pool: graphs replay one at a time
         self._capture_stream = torch.cuda.Stream(self.device)  # captures need a stream other than the default
         self._capture_prefill_graphs(pool)
-        with pdl.early_starts():  # decode graphs: each kernel may start while the previous one ends
-            self._capture_decode_graphs(pool)
+        self._capture_decode_graphs(pool)
 
     def _capture(self, step: Callable[[], torch.Tensor], pool) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         """Run step once (kernels compile and load, buffers are allocated, outside the capture),
@@ -422,6 +419,8 @@ class Engine:
         self._prefill_graphs = dict(sorted(self._prefill_graphs.items()))  # prefill() takes the first that fits
 
     def _capture_decode_graphs(self, pool) -> None:
+        from edgellm.engine.kernels import pdl
+
         dev = self.device
         n = self.max_batch
         self._static_inputs = torch.zeros(3, n, dtype=torch.long, device=dev)
@@ -433,20 +432,22 @@ class Engine:
             slots = self._static_inputs[2, :b]
 
             def step():
-                # No span: the decode attention kernel reads each row's length from its position.
-                logits = self.model(tokens, positions, slots)[:, -1]
-                greedy_tokens(logits, out=tokens.view(b))  # a greedy next step's input (decode_sample)
+                with pdl.early_starts():  # each kernel of the model may start while the previous one ends
+                    # No span: the decode attention kernel reads each row's length from its position.
+                    logits = self.model(tokens, positions, slots)[:, -1]
+                # A greedy next step's input (decode_sample). Not started early: measured 0.1-0.4%
+                # faster so at every batch of both benchmark shapes (docs/benchmarks.md, 2026-12-07
+                # fifth session), where the LM head's cuBLAS GEMM runs before it.
+                greedy_tokens(logits, out=tokens.view(b))
                 return logits
 
             self._graphs[b], self._graph_logits[b] = self._capture(step, pool)
-            self._graph_tokens[b] = self._static_inputs[0, :b]
 
     def free(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)  # a decode step may still be in flight (decode_sample)
         self._graphs.clear()
         self._graph_logits.clear()
-        self._graph_tokens.clear()
         self._fresh_tokens = None
         self._prefill_graphs.clear()
         self._prefill_logits.clear()
