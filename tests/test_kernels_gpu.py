@@ -645,3 +645,81 @@ def test_early_start_chain_in_a_graph_waits_for_each_input():
         graph.replay()
         torch.cuda.synchronize()
         assert torch.equal(h2, expected) and torch.equal(tokens, expected_tokens)
+
+
+# ---- the final norm + LM head (engine/kernels/lm_head.py) ----
+
+
+def _lm_head_reference(x, residual, g, w, eps=1e-5):
+    """The model's reference path: residual add (fp16), RMSNorm in fp32 rounded to fp16, then the
+    product in fp32."""
+    h = x if residual is None else (x.float() + residual.float()).half()
+    hf = h.float()
+    normed = (hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + eps) * g.float()).half()
+    return normed.float() @ w.float().t()
+
+
+@pytest.mark.parametrize("m", [1, 2, 3, 8, 16])
+@pytest.mark.parametrize("v,k,with_residual", [(128256, 4096, False), (128256, 2048, True), (1000, 896, False),
+                                               (32001, 4096, True)])
+def test_lm_head_matches_norm_then_linear(v, k, m, with_residual):
+    """A vocabulary not a multiple of the program's rows (1000, 32001), K of 896 (Qwen2-0.5B: not a
+    multiple of the 128-wide tile), 1 to 16 rows, with and without the residual add. The kernel
+    rounds x * weight to fp16 where the reference rounds the normed x (one fp16 rounding of the
+    operand, ~2^-12, averaging out over K), and the result: ~3e-4."""
+    from edgellm.engine.kernels.lm_head import lm_head
+
+    torch.manual_seed(v + k + m)
+    w = (torch.randn(v, k, device="cuda") * 0.02).half()
+    g = (1 + 0.1 * torch.randn(k, device="cuda")).half()
+    x = torch.randn(m, k, device="cuda").half()
+    residual = torch.randn(m, k, device="cuda").half() if with_residual else None
+    out = _poisoned(m, v)
+    lm_head(x, residual, g, 1e-5, w, out=out)
+    ref = _lm_head_reference(x, residual, g, w)
+    err = _rel_err(out, ref)
+    print(f"lm_head V={v} K={k} M={m} residual={with_residual}: rel err {err:.2e}")
+    assert err < 1e-3
+
+
+def test_lm_head_in_an_early_start_graph_waits_for_its_input():
+    """Launched to start early after a kernel that writes x, inside a graph that poisons x first:
+    a program that read x before that kernel finished would give NaN or other logits."""
+    from edgellm.engine.kernels import fused, pdl
+    from edgellm.engine.kernels.lm_head import lm_head
+
+    torch.manual_seed(0)
+    v, k = 50000, 2048
+    w = (torch.randn(v, k, device="cuda") * 0.02).half()
+    g = (1 + 0.1 * torch.randn(k, device="cuda")).half()
+    a, b = torch.randn(2, k, device="cuda").half(), torch.randn(2, k, device="cuda").half()
+    x = torch.empty(2, k, device="cuda").half()
+
+    def step():
+        fused.silu_mul(torch.cat([a, b], dim=1), out=x)  # a kernel that writes x
+        return lm_head(x, None, g, 1e-5, w)
+
+    expected = _lm_head_reference(fused.silu_mul(torch.cat([a, b], dim=1)), None, g, w)
+    graph = torch.cuda.CUDAGraph()
+    with pdl.early_starts():
+        step()
+        with torch.cuda.graph(graph):
+            x.fill_(float("nan"))
+            logits = step()
+    for _ in range(10):
+        graph.replay()
+        torch.cuda.synchronize()
+        assert _rel_err(logits, expected) < 1e-3
+
+
+def test_lm_head_rejects_what_it_does_not_take():
+    from edgellm.engine.kernels.lm_head import lm_head
+
+    w = torch.zeros(100, 256, device="cuda").half()
+    g = torch.ones(256, device="cuda").half()
+    with pytest.raises(ValueError, match="rows"):
+        lm_head(torch.zeros(17, 256, device="cuda").half(), None, g, 1e-5, w)
+    with pytest.raises(ValueError, match="residual"):
+        lm_head(torch.zeros(2, 256, device="cuda").half(), torch.zeros(3, 256, device="cuda").half(), g, 1e-5, w)
+    with pytest.raises(ValueError, match="norm_weight"):
+        lm_head(torch.zeros(2, 256, device="cuda").half(), None, g.float(), 1e-5, w)

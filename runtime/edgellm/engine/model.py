@@ -16,8 +16,9 @@ Triton kernels (engine/kernels/fused.py; an INT4 gate|up projection on the tenso
 applies SiLU * up itself), and a decode step's attention is one kernel per layer (rotary
 embedding, KV write, attention over only the live part of each cache row). Where every
 projection is on the INT4 tensor-core kernel, steps of up to 16 tokens also fold each RMSNorm
-into the projections on either side of it (`_folded_layers`, w4a16_cuda.Fold). The PyTorch
-code below is the reference they are tested against, and what the CPU runs.
+into the projections on either side of it (`_folded_layers`, w4a16_cuda.Fold), and the final
+norm runs inside the LM head's kernel (kernels/lm_head.py). The PyTorch code below is the
+reference they are tested against, and what the CPU runs.
 """
 
 from __future__ import annotations
@@ -298,11 +299,17 @@ class Transformer(nn.Module):
         elif last_only:
             x = x[:, -1:]
             residual = None if residual is None else residual[:, -1:]
-        x, _ = self.norm(x, residual)
         # Logits in the activations' dtype (fp16 on the GPU): greedy's argmax reads them as they
         # are, and samplers that compute with them convert first (sampling.sample_tokens). A
         # conversion here was a kernel of its own in every decode step (4.3 us on an H100).
-        return F.linear(x, self.lm_head_weight())
+        weight, kernels = self.lm_head_weight(), self.norm.kernels
+        b, t, d = x.shape
+        if kernels is not None and kernels.lm_head_supports(b * t, d, weight, self.norm.weight):
+            # the final norm inside the LM head's kernel (decode steps, a prompt's last token)
+            return kernels.lm_head(x.reshape(b * t, d), None if residual is None else residual.reshape(b * t, d),
+                                   self.norm.weight, self.norm.eps, weight).view(b, t, -1)
+        x, _ = self.norm(x, residual)
+        return F.linear(x, weight)
 
     def _folded_layers(self, tokens, rope, slots, positions, span) -> torch.Tensor:
         """The layers with every RMSNorm folded into the INT4 projections before and after it

@@ -21,7 +21,7 @@ All take and return fp16 CUDA tensors and allocate nothing but their outputs, so
 CUDA-graph capturable. On hosts without Triton the module imports; the functions raise.
 
 This module is the model's one handle on the GPU kernels (`Transformer.use_gpu_kernels`),
-so it also offers decode attention.
+so it also offers decode attention and the fused final norm + LM head.
 """
 
 from __future__ import annotations
@@ -30,6 +30,8 @@ import torch
 
 from edgellm.engine.kernels import pdl
 from edgellm.engine.kernels.decode_attention import decode_attention_rope  # noqa: F401 (re-exported for the model)
+from edgellm.engine.kernels.lm_head import lm_head  # noqa: F401 (re-exported for the model)
+from edgellm.engine.kernels.lm_head import supports as lm_head_supports  # noqa: F401
 
 try:
     import triton
