@@ -236,3 +236,17 @@ def test_awq_engine_is_closer_to_fp16_than_rtn(tmp_path, tokenizer_dir):
           f"RTN {rtn:.4f} (top-1 agreement {top1('int4-rtn'):.0%}), "
           f"AWQ {ours:.4f} (top-1 agreement {top1('int4-awq'):.0%}); AWQ/RTN = {ours / rtn:.2f}")
     assert ours <= 0.9 * rtn
+
+
+def test_greedy_out_is_the_argmax_of_the_last_position():
+    """Transformer.forward(greedy_out=): each row's argmax of the logits it returns (the decode
+    graphs pass their token input here); refused where every position's logits are asked for."""
+    model = tiny_model(2, False)
+    ids = torch.randint(3, 512, (3, 5), generator=torch.Generator().manual_seed(4))
+    model.setup_caches(max_batch=3, dtype=torch.float32, device="cpu")
+    greedy = torch.full((3,), -1, dtype=torch.long)
+    with torch.no_grad():
+        logits = model(ids, torch.arange(5).expand(3, 5), torch.arange(3), span=5, greedy_out=greedy)
+        assert torch.equal(greedy, logits[:, -1].argmax(-1))
+        with pytest.raises(ValueError, match="last_only"):
+            model(ids, torch.arange(5).expand(3, 5), torch.arange(3), last_only=False, span=5, greedy_out=greedy)

@@ -682,6 +682,25 @@ def test_lm_head_matches_norm_then_linear(v, k, m, with_residual):
     assert err < 1e-3
 
 
+@pytest.mark.parametrize("m", [1, 3, 8])
+@pytest.mark.parametrize("v,k", [(128256, 2048), (1000, 896)])
+def test_lm_head_argmax_is_the_first_maximum_of_its_logits(v, k, m):
+    """argmax_out: the index torch.argmax gives on the logits the kernel returns, with a tie planted
+    across programs (two equal vocabulary rows: the lower index wins) and a tie inside a program."""
+    from edgellm.engine.kernels.lm_head import lm_head
+
+    torch.manual_seed(v + m)
+    w = (torch.randn(v, k, device="cuda") * 0.02).half()
+    w[[7, v - 5, 9]] = w[3] * 4  # rows 3 * 4 = 7 = 9 = v - 5: equal logits, larger than the rest
+    g = (1 + 0.1 * torch.randn(k, device="cuda")).half()
+    x = torch.randn(m, k, device="cuda").half()
+    x[0] = w[3].float().sign().half()  # row 0: the planted rows are its largest logits
+    tokens = torch.full((m,), -1, dtype=torch.long, device="cuda")
+    logits = lm_head(x, None, g, 1e-5, w, argmax_out=tokens)
+    assert tokens[0].item() == 7
+    assert torch.equal(tokens, logits.float().argmax(-1))
+
+
 def test_lm_head_in_an_early_start_graph_waits_for_its_input():
     """Launched to start early after a kernel that writes x, inside a graph that poisons x first:
     a program that read x before that kernel finished would give NaN or other logits."""

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from edgellm.engine.config import ModelConfig
+from edgellm.engine.sampling import greedy_tokens
 
 
 class RMSNorm(nn.Module):
@@ -284,7 +285,10 @@ class Transformer(nn.Module):
         last_only: bool = True,
         span: int | None = None,  # positions.max() + 1, where the caller knows it (else each layer reads it from the device)
         last_index: torch.Tensor | None = None,  # [1]: the logits of this position only (a padded prompt's last token)
+        greedy_out: torch.Tensor | None = None,  # int64 [B]: also write each row's argmax here (last position only)
     ) -> torch.Tensor:
+        if greedy_out is not None and not (last_only or last_index is not None):
+            raise ValueError("greedy_out takes the argmax of one position per row: pass last_only or last_index")
         residual = None
         rope = (self.rope_cos, self.rope_sin)
         if self.folds_norms and tokens.numel() <= self.fold_rows:
@@ -305,11 +309,15 @@ class Transformer(nn.Module):
         weight, kernels = self.lm_head_weight(), self.norm.kernels
         b, t, d = x.shape
         if kernels is not None and kernels.lm_head_supports(b * t, d, weight, self.norm.weight):
-            # the final norm inside the LM head's kernel (decode steps, a prompt's last token)
+            # the final norm inside the LM head's kernel (decode steps, a prompt's last token), and
+            # greedy's argmax found beside the logits rather than by reading them again
             return kernels.lm_head(x.reshape(b * t, d), None if residual is None else residual.reshape(b * t, d),
-                                   self.norm.weight, self.norm.eps, weight).view(b, t, -1)
+                                   self.norm.weight, self.norm.eps, weight, argmax_out=greedy_out).view(b, t, -1)
         x, _ = self.norm(x, residual)
-        return F.linear(x, weight)
+        logits = F.linear(x, weight)
+        if greedy_out is not None:
+            greedy_tokens(logits[:, -1], out=greedy_out)
+        return logits
 
     def _folded_layers(self, tokens, rope, slots, positions, span) -> torch.Tensor:
         """The layers with every RMSNorm folded into the INT4 projections before and after it

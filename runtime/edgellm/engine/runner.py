@@ -22,7 +22,7 @@ from edgellm.engine.kernels import available as kernels_available, start_hashing
 from edgellm.engine.linear import Int4Linear, dense_linear
 from edgellm.engine.manifest import CPU_TARGET, Manifest, read_manifest, verify_files
 from edgellm.engine.model import Transformer
-from edgellm.engine.sampling import Sampler, greedy_tokens, only_argmax, sample_tokens
+from edgellm.engine.sampling import Sampler, only_argmax, sample_tokens
 from edgellm.engine.weights import WEIGHTS_NAME, load_weights
 from edgellm.errors import EngineFormatError, RequestError
 
@@ -434,12 +434,9 @@ class Engine:
             def step():
                 with pdl.early_starts():  # each kernel of the model may start while the previous one ends
                     # No span: the decode attention kernel reads each row's length from its position.
-                    logits = self.model(tokens, positions, slots)[:, -1]
-                # A greedy next step's input (decode_sample). Not started early: measured 0.1-0.4%
-                # faster so at every batch of both benchmark shapes (docs/benchmarks.md, 2026-12-07
-                # fifth session), where the LM head's cuBLAS GEMM runs before it.
-                greedy_tokens(logits, out=tokens.view(b))
-                return logits
+                    # The logits' argmax goes over the graph's token input: a greedy next step's
+                    # input (decode_sample).
+                    return self.model(tokens, positions, slots, greedy_out=tokens.view(b))[:, -1]
 
             self._graphs[b], self._graph_logits[b] = self._capture(step, pool)
 

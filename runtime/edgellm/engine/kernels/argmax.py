@@ -40,13 +40,20 @@ def argmax_rows(logits: torch.Tensor, out: torch.Tensor | None = None) -> torch.
     elif out.shape != (rows,) or out.dtype != torch.int64 or not out.is_contiguous() or out.device != logits.device:
         raise ValueError(f"out must be a contiguous int64 [{rows}] tensor on {logits.device}, "
                          f"got {out.dtype} {tuple(out.shape)} on {out.device}")
-    early = pdl.triton_options(logits.device)
     if rows:
         _block_argmax_kernel[(rows, blocks)](logits, part_val, part_idx, vocab, logits.stride(0), blocks,
-                                             BLOCK=BLOCK, num_warps=8, **early)
-        _pick_kernel[(rows,)](part_val, part_idx, out, blocks, BLOCKS=triton.next_power_of_2(blocks), num_warps=1,
-                              **early)
+                                             BLOCK=BLOCK, num_warps=8, **pdl.triton_options(logits.device))
+        pick_first_block(part_val, part_idx, out)
     return out
+
+
+def pick_first_block(part_val: torch.Tensor, part_idx: torch.Tensor, out: torch.Tensor) -> None:
+    """out[r] = part_idx[r, j] for the first j holding row r's largest part_val: the second step of
+    an argmax whose blocks (in order along the row) each gave their first maximum and its index.
+    part_val float32 and part_idx int64, both contiguous [rows, blocks]; out int64 [rows]."""
+    rows, blocks = part_val.shape
+    _pick_kernel[(rows,)](part_val, part_idx, out, blocks, BLOCKS=triton.next_power_of_2(blocks), num_warps=1,
+                          **pdl.triton_options(part_val.device))
 
 
 if triton is not None:

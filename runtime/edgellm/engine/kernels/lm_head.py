@@ -25,6 +25,7 @@ import os
 import torch
 
 from edgellm.engine.kernels import pdl
+from edgellm.engine.kernels.argmax import pick_first_block
 
 try:
     import triton
@@ -75,12 +76,16 @@ def _shared_memory_per_block(device_index: int) -> int:
 
 
 def lm_head(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
-            weight: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+            weight: torch.Tensor, out: torch.Tensor | None = None, argmax_out: torch.Tensor | None = None
+            ) -> torch.Tensor:
     """RMSNorm(x + residual) * norm_weight @ weight^T -> fp16 logits [M, V].
 
     x, residual: fp16 [M, K] (residual may be None), contiguous in K, M <= MAX_ROWS; norm_weight
     fp16 [K]; weight fp16 [V, K] contiguous in K (supports() says which calls qualify); out: fp16
-    [M, V] contiguous in V, or None to allocate it."""
+    [M, V] contiguous in V, or None to allocate it. argmax_out: where given (int64 [M]), each row's
+    argmax over the logits as returned (the first of equal maxima, as torch.argmax), for greedy
+    sampling: each program also finds the maximum of its own columns, and one small kernel picks
+    among them (argmax.pick_first_block), instead of an argmax reading the logits again."""
     if triton is None:
         raise RuntimeError("lm_head needs Triton; on this host the model runs its norm and F.linear")
     if x.dim() != 2 or x.dtype != torch.float16 or x.stride(1) != 1:
@@ -100,12 +105,24 @@ def lm_head(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.T
         out = torch.empty(m, v, dtype=torch.float16, device=x.device)
     elif out.shape != (m, v) or out.dtype != torch.float16 or out.stride(1) != 1:
         raise ValueError(f"out must be fp16 [{m}, {v}] contiguous in V")
+    if argmax_out is not None and (argmax_out.shape != (m,) or argmax_out.dtype != torch.int64
+                                   or not argmax_out.is_contiguous() or argmax_out.device != x.device):
+        raise ValueError(f"argmax_out must be a contiguous int64 [{m}] tensor on {x.device}, "
+                         f"got {argmax_out.dtype} {tuple(argmax_out.shape)} on {argmax_out.device}")
     block_n, block_k, stages, warps = _config(k, x.device)
+    programs = triton.cdiv(v, block_n)
+    if argmax_out is None:
+        part_val = part_idx = out  # not written
+    else:
+        part_val = torch.empty(m, programs, dtype=torch.float32, device=x.device)
+        part_idx = torch.empty(m, programs, dtype=torch.int64, device=x.device)
     r = x if residual is None else residual
-    _lm_head_kernel[(triton.cdiv(v, block_n),)](
-        x, r, norm_weight, weight, out, m, v, k, x.stride(0), r.stride(0), weight.stride(0), out.stride(0), eps,
-        HAS_RESIDUAL=residual is not None, BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=block_k,
-        num_stages=stages, num_warps=warps, **pdl.triton_options(x.device))
+    _lm_head_kernel[(programs,)](
+        x, r, norm_weight, weight, out, part_val, part_idx, m, v, k, x.stride(0), r.stride(0), weight.stride(0),
+        out.stride(0), eps, programs, HAS_RESIDUAL=residual is not None, ARGMAX=argmax_out is not None, BLOCK_M=16,
+        BLOCK_N=block_n, BLOCK_K=block_k, num_stages=stages, num_warps=warps, **pdl.triton_options(x.device))
+    if argmax_out is not None:
+        pick_first_block(part_val, part_idx, argmax_out)
     return out
 
 
@@ -125,9 +142,9 @@ if triton is not None:
         return acc, sumsq + tl.sum(xf * xf, axis=1)
 
     @triton.jit
-    def _lm_head_kernel(x_ptr, r_ptr, g_ptr, w_ptr, out_ptr, M, V, K, stride_x, stride_r, stride_w, stride_o, eps,
-                        HAS_RESIDUAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                        BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+    def _lm_head_kernel(x_ptr, r_ptr, g_ptr, w_ptr, out_ptr, part_val_ptr, part_idx_ptr, M, V, K, stride_x, stride_r,
+                        stride_w, stride_o, eps, n_parts, HAS_RESIDUAL: tl.constexpr, ARGMAX: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
         rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         rk = tl.arange(0, BLOCK_K)
         rm = tl.arange(0, BLOCK_M)
@@ -147,6 +164,12 @@ if triton is not None:
             w = tl.load(w_ptrs + k0, mask=n_mask[:, None], other=0.0)
             acc, sumsq = _add_tile(acc, sumsq, w, x_ptrs, r_ptrs, g_ptr, k0, m_mask, HAS_RESIDUAL, BLOCK_K)
         inv_rms = tl.rsqrt(sumsq / K + eps)
-        logits = tl.trans(acc) * inv_rms[:, None]  # [BLOCK_M, BLOCK_N]
-        tl.store(out_ptr + rm[:, None] * stride_o + rn[None, :], logits.to(tl.float16),
-                 mask=m_mask[:, None] & n_mask[None, :])
+        logits = (tl.trans(acc) * inv_rms[:, None]).to(tl.float16)  # [BLOCK_M, BLOCK_N]
+        tl.store(out_ptr + rm[:, None] * stride_o + rn[None, :], logits, mask=m_mask[:, None] & n_mask[None, :])
+        if ARGMAX:
+            # this program's first maximum of each row, over the fp16 logits as stored
+            vals = tl.where(n_mask[None, :], logits.to(tl.float32), float("-inf"))
+            best, where = tl.max(vals, axis=1, return_indices=True, return_indices_tie_break_left=True)
+            part = rm * n_parts + tl.program_id(0)
+            tl.store(part_val_ptr + part, best, mask=m_mask)
+            tl.store(part_idx_ptr + part, (tl.program_id(0) * BLOCK_N + where).to(tl.int64), mask=m_mask)
