@@ -88,6 +88,38 @@ def test_a_greedy_step_takes_the_graphs_argmax_and_its_tokens_feed_only_the_next
         engine.decode_sample(rows, rows, first.tokens, [p + 2 for p in positions], greedy)
 
 
+def test_greedy_tokens_reach_the_host_from_the_graph_while_the_next_step_runs(demo_engine):
+    """The serving loop's order: step N + 1 is launched from step N's tokens before step N's are
+    read. The decode graphs write greedy tokens into two pinned host rows in turn (no copy on the
+    stream): each step's result read after the next step started is still its own argmax."""
+    engine = Engine.load(demo_engine, device="cuda")
+    engine.warm_up()
+    assert engine._greedy_host is not None
+    prompts = PROMPTS[:2]
+    rows, start = [0, 1], [len(p) - 1 for p in prompts]
+    greedy = [Sampler(SamplingParams(), engine.config.vocab_size, engine.device, p) for p in prompts]
+
+    def prefill():
+        for slot, prompt in enumerate(prompts):
+            engine.prefill(slot, prompt[:-1])
+
+    prefill()
+    expected, tokens = [], [p[-1] for p in prompts]
+    for i in range(6):  # one step at a time: each step's argmax, from its logits
+        step = engine.decode_sample(rows, rows, tokens, [p + i for p in start], greedy)
+        expected.append(engine._graph_logits[2].float().argmax(dim=-1).tolist())
+        tokens = step.tokens
+    prefill()  # the same steps again (they rewrite the same cache entries), overlapped
+    got, pending = [], engine.decode_sample(rows, rows, [p[-1] for p in prompts], start, greedy)
+    for i in range(1, 6):
+        following = engine.decode_sample(rows, rows, pending.tokens, [p + i for p in start], greedy)
+        got.append(pending.result())
+        pending = following
+    got.append(pending.result())
+    print(f"greedy tokens through host memory: {got[:3]}...")
+    assert got == expected
+
+
 def test_decode_reads_only_live_kv(demo_engine):
     """Garbage beyond a row's live length must not change its logits."""
     engine = Engine.load(demo_engine, device="cuda")

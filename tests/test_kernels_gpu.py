@@ -249,6 +249,36 @@ def test_greedy_argmax_matches_torch(rows, vocab, dtype):
     assert torch.equal(argmax_rows(logits), logits.argmax(dim=-1))
 
 
+def test_greedy_argmax_written_to_host_memory_in_turn():
+    """ArgmaxOut with a pinned host buffer: replay k of a graph writes its tokens into host row
+    k % 2 and counts the write on the device; the other row keeps the previous replay's tokens."""
+    from edgellm.engine.kernels.argmax import ArgmaxOut, argmax_rows
+
+    rows, vocab = 3, 128256
+    logits = torch.randn(rows, vocab, device="cuda").half()
+    host = torch.full((2, 8), -1, dtype=torch.long).pin_memory()
+    writes = torch.zeros(1, dtype=torch.long, device="cuda")
+    tokens = torch.empty(rows, dtype=torch.long, device="cuda")
+    out = ArgmaxOut(tokens, host, writes)
+    argmax_rows(logits, out=out)  # compiles outside the capture (and writes row 0)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        argmax_rows(logits, out=out)
+    writes.zero_()
+    seen = []
+    for k in range(4):
+        logits.copy_(torch.randn(rows, vocab, device="cuda").half())
+        graph.replay()
+        torch.cuda.synchronize()
+        want = logits.float().argmax(dim=-1).tolist()
+        assert host[k % 2, :rows].tolist() == want and tokens.tolist() == want and writes.item() == k + 1
+        if seen:
+            assert host[(k + 1) % 2, :rows].tolist() == seen[-1]  # the previous replay's row is untouched
+        seen.append(want)
+    with pytest.raises(ValueError, match="pinned"):
+        argmax_rows(logits, out=ArgmaxOut(tokens, torch.zeros(2, 8, dtype=torch.long), writes))
+
+
 # ---- the tensor-core kernel in the GPU's own layout (engine/kernels/w4a16_cuda.py) ----
 
 

@@ -285,7 +285,7 @@ class Transformer(nn.Module):
         last_only: bool = True,
         span: int | None = None,  # positions.max() + 1, where the caller knows it (else each layer reads it from the device)
         last_index: torch.Tensor | None = None,  # [1]: the logits of this position only (a padded prompt's last token)
-        greedy_out: torch.Tensor | None = None,  # int64 [B]: also write each row's argmax here (last position only)
+        greedy_out=None,  # int64 [B] (or kernels.argmax.ArgmaxOut): also write each row's argmax there (last position only)
     ) -> torch.Tensor:
         if greedy_out is not None and not (last_only or last_index is not None):
             raise ValueError("greedy_out takes the argmax of one position per row: pass last_only or last_index")

@@ -19,6 +19,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from edgellm.engine.config import ModelConfig
 from edgellm.engine.kernels import available as kernels_available, start_hashing_compiler
+from edgellm.engine.kernels.argmax import ArgmaxOut
 from edgellm.engine.linear import Int4Linear, dense_linear
 from edgellm.engine.manifest import CPU_TARGET, Manifest, read_manifest, verify_files
 from edgellm.engine.model import Transformer
@@ -101,6 +102,12 @@ class Engine:
         self._host_inputs: torch.Tensor | None = None
         self._host_tokens: torch.Tensor | None = None  # pinned [2, max_batch]: sampled tokens, in turn
         self._turn = 0
+        # Where the decode graphs also write their argmax, straight into host memory (kernels.argmax.
+        # ArgmaxOut): pinned [2, max_batch], row r written by the replays r, r + 2, ..; the count of
+        # replays since the graphs were captured says which (None: no graphs, or no GPU kernels).
+        self._greedy_host: torch.Tensor | None = None
+        self._greedy_writes: torch.Tensor | None = None  # int64 [1] on the GPU: the graphs' own count
+        self._replays = 0
         # CUDA-graph prefill: one graph per padded prompt length (PREFILL_GRAPH_TOKENS).
         self._prefill_graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._prefill_logits: dict[int, torch.Tensor] = {}
@@ -300,6 +307,7 @@ class Engine:
                 host[0, :b] = token_ids
                 self._static_inputs[:, :b].copy_(host_all[:, :b], non_blocking=True)
             graph.replay()
+            self._replays += 1
             self._fresh_tokens = self._static_inputs[0, :b]
             return self._graph_logits[b]
         dev = self.device
@@ -324,19 +332,23 @@ class Engine:
         the graph's own argmax, which it wrote into its token input: no sampling kernel runs
         between the steps and no copy starts the next one."""
         logits = self.decode(slots, token_ids, positions)
-        if self._fresh_tokens is not None and only_argmax(samplers):
+        greedy = self._fresh_tokens is not None and only_argmax(samplers)
+        if greedy:
             tokens = self._fresh_tokens  # the graph's own argmax, already where the next step reads it
         else:
             tokens = sample_tokens(logits, samplers)
         if self.device.type != "cuda":
             return PendingTokens(tokens, rows, tokens, None)
-        if self._host_tokens is None:
-            self._host_tokens = torch.zeros(2, self.max_batch, dtype=torch.long).pin_memory()
-        host = self._host_tokens[self._turn, :len(slots)]  # the turn decode() took: read before it comes round again
-        host.copy_(tokens, non_blocking=True)
-        copied = torch.cuda.Event()
-        copied.record()
-        return PendingTokens(tokens, rows, host, copied)
+        if greedy and self._greedy_host is not None:
+            host = self._greedy_host[(self._replays - 1) % 2, :len(slots)]  # the graph wrote them there too
+        else:
+            if self._host_tokens is None:
+                self._host_tokens = torch.zeros(2, self.max_batch, dtype=torch.long).pin_memory()
+            host = self._host_tokens[self._turn, :len(slots)]  # the turn decode() took: read before it comes round again
+            host.copy_(tokens, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        return PendingTokens(tokens, rows, host, done)
 
     @torch.inference_mode()
     def score(self, token_ids: list[int], slot: int = 0) -> torch.Tensor:
@@ -426,19 +438,27 @@ class Engine:
         self._static_inputs = torch.zeros(3, n, dtype=torch.long, device=dev)
         self._static_inputs[2] = torch.arange(n, device=dev)  # valid slots while capturing
         self._host_inputs = torch.zeros(2, 3, n, dtype=torch.long).pin_memory()
+        if kernels_available():  # the argmax kernel writes host memory itself (needs Triton)
+            self._greedy_host = torch.zeros(2, n, dtype=torch.long).pin_memory()
+            self._greedy_writes = torch.zeros(1, dtype=torch.long, device=dev)
         for b in range(n, 0, -1):  # largest first, so smaller graphs reuse its pool memory
             tokens = self._static_inputs[0, :b].view(b, 1)
             positions = self._static_inputs[1, :b].view(b, 1)
             slots = self._static_inputs[2, :b]
+            greedy_out = tokens.view(b) if self._greedy_host is None else ArgmaxOut(
+                tokens.view(b), self._greedy_host, self._greedy_writes)
 
             def step():
                 with pdl.early_starts():  # each kernel of the model may start while the previous one ends
                     # No span: the decode attention kernel reads each row's length from its position.
                     # The logits' argmax goes over the graph's token input: a greedy next step's
                     # input (decode_sample).
-                    return self.model(tokens, positions, slots, greedy_out=tokens.view(b))[:, -1]
+                    return self.model(tokens, positions, slots, greedy_out=greedy_out)[:, -1]
 
             self._graphs[b], self._graph_logits[b] = self._capture(step, pool)
+        if self._greedy_writes is not None:
+            self._greedy_writes.zero_()  # the capture runs counted too: from here on, one count per replay
+        self._replays = 0
 
     def free(self) -> None:
         if self.device.type == "cuda":

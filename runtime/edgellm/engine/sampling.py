@@ -7,6 +7,7 @@ import os
 
 import torch
 
+from edgellm.engine.kernels.argmax import ArgmaxOut
 from edgellm.errors import RequestError
 
 
@@ -97,14 +98,18 @@ def sample_batch(logits: torch.Tensor, samplers: list[Sampler]) -> list[int]:
     return sample_tokens(logits, samplers).tolist()
 
 
-def greedy_tokens(logits: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """argmax of each row of [B, V] logits, into `out` (int64 [B]) if given (on CUDA a Triton
-    kernel: torch's reduction over a 128K vocabulary takes longer than two transformer layers of
-    a 1B model)."""
+def greedy_tokens(logits: torch.Tensor, out: torch.Tensor | ArgmaxOut | None = None) -> torch.Tensor:
+    """argmax of each row of [B, V] logits, into `out` (int64 [B], or an ArgmaxOut, whose copy to
+    host memory needs the GPU kernels) if given (on CUDA a Triton kernel: torch's reduction over a
+    128K vocabulary takes longer than two transformer layers of a 1B model)."""
     from edgellm.engine import kernels
 
     if logits.is_cuda and kernels.available():
         from edgellm.engine.kernels.argmax import argmax_rows
 
         return argmax_rows(logits, out=out)
+    if isinstance(out, ArgmaxOut):
+        if out.host is not None:
+            raise ValueError("greedy tokens written to host memory need the GPU kernels (CUDA and Triton)")
+        out = out.tokens
     return logits.argmax(dim=-1) if out is None else torch.argmax(logits, dim=-1, out=out)

@@ -25,7 +25,7 @@ import os
 import torch
 
 from edgellm.engine.kernels import pdl
-from edgellm.engine.kernels.argmax import pick_first_block
+from edgellm.engine.kernels.argmax import ArgmaxOut, pick_first_block
 
 try:
     import triton
@@ -76,16 +76,17 @@ def _shared_memory_per_block(device_index: int) -> int:
 
 
 def lm_head(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
-            weight: torch.Tensor, out: torch.Tensor | None = None, argmax_out: torch.Tensor | None = None
+            weight: torch.Tensor, out: torch.Tensor | None = None, argmax_out: torch.Tensor | ArgmaxOut | None = None
             ) -> torch.Tensor:
     """RMSNorm(x + residual) * norm_weight @ weight^T -> fp16 logits [M, V].
 
     x, residual: fp16 [M, K] (residual may be None), contiguous in K, M <= MAX_ROWS; norm_weight
     fp16 [K]; weight fp16 [V, K] contiguous in K (supports() says which calls qualify); out: fp16
-    [M, V] contiguous in V, or None to allocate it. argmax_out: where given (int64 [M]), each row's
-    argmax over the logits as returned (the first of equal maxima, as torch.argmax), for greedy
-    sampling: each program also finds the maximum of its own columns, and one small kernel picks
-    among them (argmax.pick_first_block), instead of an argmax reading the logits again."""
+    [M, V] contiguous in V, or None to allocate it. argmax_out: where given (int64 [M], or an
+    argmax.ArgmaxOut), each row's argmax over the logits as returned (the first of equal maxima, as
+    torch.argmax), for greedy sampling: each program also finds the maximum of its own columns, and
+    one small kernel picks among them (argmax.pick_first_block), instead of an argmax reading the
+    logits again."""
     if triton is None:
         raise RuntimeError("lm_head needs Triton; on this host the model runs its norm and F.linear")
     if x.dim() != 2 or x.dtype != torch.float16 or x.stride(1) != 1:
@@ -105,10 +106,9 @@ def lm_head(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.T
         out = torch.empty(m, v, dtype=torch.float16, device=x.device)
     elif out.shape != (m, v) or out.dtype != torch.float16 or out.stride(1) != 1:
         raise ValueError(f"out must be fp16 [{m}, {v}] contiguous in V")
-    if argmax_out is not None and (argmax_out.shape != (m,) or argmax_out.dtype != torch.int64
-                                   or not argmax_out.is_contiguous() or argmax_out.device != x.device):
-        raise ValueError(f"argmax_out must be a contiguous int64 [{m}] tensor on {x.device}, "
-                         f"got {argmax_out.dtype} {tuple(argmax_out.shape)} on {argmax_out.device}")
+    if argmax_out is not None:
+        argmax_out = argmax_out if isinstance(argmax_out, ArgmaxOut) else ArgmaxOut(argmax_out)
+        argmax_out.check(m, x.device)
     block_n, block_k, stages, warps = _config(k, x.device)
     programs = triton.cdiv(v, block_n)
     if argmax_out is None:
