@@ -8,7 +8,7 @@ rounds, so that drift of the GPU's clocks falls on every setting alike.
 Prints each round's ms/step, then a table of medians over the rounds and the ratio of each
 setting's step to the first's; writes ab-decode.json under --out. The switches the runtime reads
 at load or launch work (EDGELLM_MMA_TWO_TILES, EDGELLM_FOLD_NORMS); EDGELLM_PDL, which it
-remembers per process, is forgotten before each load. --context N: each step reads N positions
+remembers per process, is forgotten before each load. --context N: a step reads N positions
 of KV per row (default bench/decode.py's 512).
 
 W4A16_SOURCE=current,PATH.py compares W4A16 kernel sources instead: each PATH is a copy of
@@ -48,15 +48,17 @@ def main() -> int:
     ap.add_argument("--shapes", default="llama-3.1-8b")
     ap.add_argument("--out", type=Path, default=Path("out"))
     ap.add_argument("--context", type=int, default=decode.CONTEXT,
-                    help=f"positions of KV each step reads (default {decode.CONTEXT}; the engine holds 4096)")
+                    help=f"positions of KV a step reads on average (default {decode.CONTEXT}; the engine holds 4096)")
     args = ap.parse_args()
     name, _, values = args.switch.partition("=")
     settings = values.split(",")
     if not name or len(settings) < 2:
         ap.error("--switch takes NAME=value1,value2: at least two settings of one variable")
     args.out.mkdir(parents=True, exist_ok=True)
-    if not 0 < args.context < 4096:
-        ap.error("--context takes 1..4095 (the engine's 4096 positions hold the context and the new token)")
+    half = decode.DECODE_STEPS // 2  # the measured steps run from context - half to context + half - 1
+    if not half <= args.context <= 4096 - half:
+        ap.error(f"--context takes {half}..{4096 - half} (the measured steps' positions run {half} either side of it, "
+                 "in the engine's 4096)")
     decode.CONTEXT = args.context  # bench_engine reads it at each call
 
     from edgellm.engine.demo_tokenizer import train_demo_tokenizer

@@ -112,12 +112,13 @@ def bench_engine(engine, bandwidth: float, seed: int = 0) -> dict:
 
         def steps(n=DECODE_STEPS):
             # The serving loop's steady state (scheduler._step): step i + 1 starts from step i's
-            # sampled tokens, then step i's tokens are read. Every step reads CONTEXT tokens of KV:
-            # positions stay at CONTEXT (the step is re-run at the same position), so each
-            # measured step has the same floor.
-            pending = engine.decode_sample(seqs, seqs, [5] * b, [CONTEXT] * b, samplers)
-            for i in range(n - 1):
-                following = engine.decode_sample(seqs, seqs, pending.tokens, [CONTEXT] * b, samplers)
+            # sampled tokens at the next position, then step i's tokens are read. The positions
+            # run from CONTEXT - n / 2 to CONTEXT + n / 2 - 1 (the cache was filled to CONTEXT), so
+            # a step reads CONTEXT + 1/2 positions of KV on average: the floor below.
+            first = CONTEXT - n // 2
+            pending = engine.decode_sample(seqs, seqs, [5] * b, [first] * b, samplers)
+            for i in range(1, n):
+                following = engine.decode_sample(seqs, seqs, pending.tokens, [first + i] * b, samplers)
                 pending.result()
                 pending = following
             pending.result()
@@ -125,7 +126,7 @@ def bench_engine(engine, bandwidth: float, seed: int = 0) -> dict:
         steps(8)
         per_step = [t / DECODE_STEPS for t in cuda_time(steps, 5)]
         step = statistics.median(per_step)
-        floor = (weight_bytes_per_step(engine) + kv_bytes_per_step(engine.config, b, CONTEXT + 1)) / bandwidth
+        floor = (weight_bytes_per_step(engine) + kv_bytes_per_step(engine.config, b, CONTEXT + 0.5)) / bandwidth
         rows.append({"batch": b, "step_ms": step * 1e3, "decode_tok_s": b / step, "floor_ms": floor * 1e3,
                      "roofline_pct": 100 * floor / step, "step_ms_runs": [t * 1e3 for t in per_step]})
         log(f"  batch {b}: {step * 1e3:.3f} ms/step, {b / step:.0f} tok/s, floor {floor * 1e3:.3f} ms -> {100 * floor / step:.1f}%")

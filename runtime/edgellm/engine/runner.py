@@ -10,6 +10,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
+import os
 import time
 from pathlib import Path
 from typing import Callable, Sequence
@@ -108,6 +109,12 @@ class Engine:
         self._greedy_host: torch.Tensor | None = None
         self._greedy_writes: torch.Tensor | None = None  # int64 [1] on the GPU: the graphs' own count
         self._replays = 0
+        # The decode graphs also advance their position input by one (ArgmaxOut.positions): the
+        # (batch, slots, positions) the last replay left in _static_inputs, which a next step with
+        # exactly these inputs and the fresh tokens needs no copy for (the serving loop's steady
+        # state). EDGELLM_REUSE_DEVICE_INPUTS=0 copies them at every step, for measuring.
+        self._left_inputs: tuple | None = None
+        self._reuse_inputs = os.environ.get("EDGELLM_REUSE_DEVICE_INPUTS", "1") != "0"
         # CUDA-graph prefill: one graph per padded prompt length (PREFILL_GRAPH_TOKENS).
         self._prefill_graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._prefill_logits: dict[int, torch.Tensor] = {}
@@ -295,19 +302,26 @@ class Engine:
                                "the input of the step right after it only; pass them as ints otherwise")
         graph = self._graphs.get(b)
         if graph is not None:
-            host_all = self._host_inputs[self._turn]
-            host = host_all.numpy()
-            host[1, :b] = positions
-            host[2, :b] = slots
-            if on_device:
-                self._static_inputs[1:, :b].copy_(host_all[1:, :b], non_blocking=True)
-                if token_ids is not fresh or len(fresh) != b:  # else the last replay left them in place
-                    self._static_inputs[0, :b].copy_(token_ids)
+            inputs = (b, tuple(slots), tuple(positions))
+            left, self._left_inputs = self._left_inputs, None
+            if on_device and token_ids is fresh and inputs == left and self._reuse_inputs:
+                pass  # the last replay left these tokens, slots and positions in place
             else:
-                host[0, :b] = token_ids
-                self._static_inputs[:, :b].copy_(host_all[:, :b], non_blocking=True)
+                host_all = self._host_inputs[self._turn]
+                host = host_all.numpy()
+                host[1, :b] = positions
+                host[2, :b] = slots
+                if on_device:
+                    self._static_inputs[1:, :b].copy_(host_all[1:, :b], non_blocking=True)
+                    if token_ids is not fresh or len(fresh) != b:  # else the last replay left them in place
+                        self._static_inputs[0, :b].copy_(token_ids)
+                else:
+                    host[0, :b] = token_ids
+                    self._static_inputs[:, :b].copy_(host_all[:, :b], non_blocking=True)
             graph.replay()
             self._replays += 1
+            if self._greedy_host is not None:  # the graph advanced its positions
+                self._left_inputs = (b, inputs[1], tuple(p + 1 for p in positions))
             self._fresh_tokens = self._static_inputs[0, :b]
             return self._graph_logits[b]
         dev = self.device
@@ -446,7 +460,7 @@ class Engine:
             positions = self._static_inputs[1, :b].view(b, 1)
             slots = self._static_inputs[2, :b]
             greedy_out = tokens.view(b) if self._greedy_host is None else ArgmaxOut(
-                tokens.view(b), self._greedy_host, self._greedy_writes)
+                tokens.view(b), self._greedy_host, self._greedy_writes, positions.view(b))
 
             def step():
                 with pdl.early_starts():  # each kernel of the model may start while the previous one ends
@@ -459,6 +473,7 @@ class Engine:
         if self._greedy_writes is not None:
             self._greedy_writes.zero_()  # the capture runs counted too: from here on, one count per replay
         self._replays = 0
+        self._left_inputs = None  # the capture runs advanced the positions too
 
     def free(self) -> None:
         if self.device.type == "cuda":

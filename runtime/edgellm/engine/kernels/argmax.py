@@ -39,17 +39,24 @@ class ArgmaxOut:
     GPU) goes up by one. Two host rows in turn, so that a CUDA graph's fixed addresses serve
     steps that overlap: the host reads step N's tokens while step N + 1 runs, and must read them
     before step N + 2 ends. The host keeps its own count of the writes to know which row is
-    whose (Engine.decode)."""
+    whose (Engine.decode). Where `positions` (int64 [rows], on the GPU) is given, each is
+    advanced by one as its row's token is written: a decode graph's positions, ready for the
+    next step without a copy from the host."""
 
     tokens: torch.Tensor
     host: torch.Tensor | None = None
     writes: torch.Tensor | None = None
+    positions: torch.Tensor | None = None
 
     def check(self, rows: int, device: torch.device) -> None:
         t = self.tokens
         if t.shape != (rows,) or t.dtype != torch.int64 or not t.is_contiguous() or t.device != device:
             raise ValueError(f"out must be a contiguous int64 [{rows}] tensor on {device}, "
                              f"got {t.dtype} {tuple(t.shape)} on {t.device}")
+        q = self.positions
+        if q is not None and (q.shape != (rows,) or q.dtype != torch.int64 or not q.is_contiguous() or q.device != device):
+            raise ValueError(f"positions must be a contiguous int64 [{rows}] tensor on {device}, "
+                             f"got {q.dtype} {tuple(q.shape)} on {q.device}")
         if self.host is None:
             return
         h, w = self.host, self.writes
@@ -92,11 +99,12 @@ def pick_first_block(part_val: torch.Tensor, part_idx: torch.Tensor, out: Argmax
     rows, blocks = part_val.shape
     out.check(rows, part_val.device)
     per_program = min(MAX_HOST_ROWS, triton.next_power_of_2(rows))
-    host = out.host is not None
+    host, advance = out.host is not None, out.positions is not None
     _pick_kernel[(triton.cdiv(rows, per_program),)](
         part_val, part_idx, out.tokens, out.host if host else out.tokens, out.writes if host else out.tokens,
-        rows, blocks, out.host.stride(0) if host else 0, ROWS=per_program, BLOCKS=triton.next_power_of_2(blocks),
-        HOST=host, num_warps=4, **pdl.triton_options(part_val.device))
+        out.positions if advance else out.tokens, rows, blocks, out.host.stride(0) if host else 0, ROWS=per_program,
+        BLOCKS=triton.next_power_of_2(blocks), HOST=host, ADVANCE=advance, num_warps=4,
+        **pdl.triton_options(part_val.device))
 
 
 if triton is not None:
@@ -113,8 +121,9 @@ if triton is not None:
         tl.store(idx_ptr + row * n_blocks + blk, (blk * BLOCK + where).to(tl.int64))
 
     @triton.jit
-    def _pick_kernel(val_ptr, idx_ptr, out_ptr, host_ptr, writes_ptr, rows, n_blocks, host_stride, ROWS: tl.constexpr,
-                     BLOCKS: tl.constexpr, HOST: tl.constexpr, PDL: tl.constexpr):
+    def _pick_kernel(val_ptr, idx_ptr, out_ptr, host_ptr, writes_ptr, pos_ptr, rows, n_blocks, host_stride,
+                     ROWS: tl.constexpr, BLOCKS: tl.constexpr, HOST: tl.constexpr, ADVANCE: tl.constexpr,
+                     PDL: tl.constexpr):
         pdl.start(PDL)
         r = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
         c = tl.arange(0, BLOCKS)
@@ -124,6 +133,8 @@ if triton is not None:
         _, first = tl.max(vals, axis=1, return_indices=True, return_indices_tie_break_left=True)
         tokens = tl.load(idx_ptr + r * n_blocks + first, mask=r_mask)
         tl.store(out_ptr + r, tokens, mask=r_mask)
+        if ADVANCE:
+            tl.store(pos_ptr + r, tl.load(pos_ptr + r, mask=r_mask) + 1, mask=r_mask)
         if HOST:  # one program holds every row (pick_first_block): it alone reads and bumps the count
             n = tl.load(writes_ptr)
             tl.store(host_ptr + (n % 2) * host_stride + r, tokens, mask=r_mask)
