@@ -164,3 +164,12 @@ def test_loading_an_engine_does_not_import_the_compiler_stack(demo_engine):
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=300)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def test_importing_the_runner_does_not_import_the_gpu_kernels():
+    """The kernel modules import Triton (~0.4 s on a GPU host): the runner imports them when an
+    engine is loaded, beside the weights' reading (kernels.start_hashing_compiler), not at import."""
+    code = ("import sys; import edgellm.engine.runner; "
+            "print(sorted(m for m in sys.modules if m.startswith('edgellm.engine.kernels.') or m == 'triton'))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=300)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr

@@ -20,7 +20,6 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from edgellm.engine.config import ModelConfig
 from edgellm.engine.kernels import available as kernels_available, start_hashing_compiler
-from edgellm.engine.kernels.argmax import ArgmaxOut
 from edgellm.engine.linear import Int4Linear, dense_linear
 from edgellm.engine.manifest import CPU_TARGET, Manifest, read_manifest, verify_files
 from edgellm.engine.model import Transformer
@@ -446,6 +445,7 @@ class Engine:
 
     def _capture_decode_graphs(self, pool) -> None:
         from edgellm.engine.kernels import pdl
+        from edgellm.engine.kernels.argmax import ArgmaxOut
 
         dev = self.device
         n = self.max_batch

@@ -7,7 +7,6 @@ import os
 
 import torch
 
-from edgellm.engine.kernels.argmax import ArgmaxOut
 from edgellm.errors import RequestError
 
 
@@ -98,15 +97,14 @@ def sample_batch(logits: torch.Tensor, samplers: list[Sampler]) -> list[int]:
     return sample_tokens(logits, samplers).tolist()
 
 
-def greedy_tokens(logits: torch.Tensor, out: torch.Tensor | ArgmaxOut | None = None) -> torch.Tensor:
+def greedy_tokens(logits: torch.Tensor, out=None) -> torch.Tensor:
     """argmax of each row of [B, V] logits, into `out` (int64 [B], or an ArgmaxOut, whose copy to
     host memory needs the GPU kernels) if given (on CUDA a Triton kernel: torch's reduction over a
     128K vocabulary takes longer than two transformer layers of a 1B model)."""
     from edgellm.engine import kernels
+    from edgellm.engine.kernels.argmax import ArgmaxOut, argmax_rows  # not at import: it imports Triton
 
     if logits.is_cuda and kernels.available():
-        from edgellm.engine.kernels.argmax import argmax_rows
-
         return argmax_rows(logits, out=out)
     if isinstance(out, ArgmaxOut):
         if out.host is not None:
