@@ -9,6 +9,7 @@
 #   probe-load  a load's read-and-verify and warm-up, piece by piece, both shapes (bench/probe_load.py)
 #   probe-prefetch  a start's timeline with the weights read beside the import on 0/8/2/4 threads (bench/probe_prefetch.py)
 #   kernels     W4A16 kernel table (engine path beside the Triton fallback and cuBLAS) + decode attention
+#   lm-head     the final norm + LM head alone: the fused kernel's configurations beside norm + cuBLAS (bench/lm_head.py)
 #   attention   the decode attention alone: both shapes, batch 1-8, context 512 and 4096, splits swept
 #   sweep       the same + the Triton candidate configurations (bench/kernels.py --sweep, decode shapes)
 #   sweep-mma   the tensor-core kernel's K splits and ring depths, early start on and off, every shape, M=1,8
@@ -32,7 +33,7 @@ export PYTHONPATH=$PWD/runtime:$PWD/tests PYTHONUNBUFFERED=1 TRITON_CACHE_DIR=/t
     EDGELLM_KERNEL_CACHE=/tmp/edgellm-kernel-cache/edgellm
 OUT=${OUT:-out}
 mkdir -p "$OUT"
-[ $# -gt 0 ] || { sed -n 2,27p "$0" >&2; exit 2; }
+[ $# -gt 0 ] || { sed -n 2,28p "$0" >&2; exit 2; }
 for step in "$@"; do
     echo "=== $step ($(date +%T))"
     case $step in
@@ -77,6 +78,9 @@ for step in "$@"; do
         ;;
     kernels)
         timeout 240 python3 bench/kernels.py --out "$OUT/kernels.json" 2>&1 | tee "$OUT/kernels.txt" | tail -16
+        ;;
+    lm-head)
+        timeout 240 python3 bench/lm_head.py --out "$OUT/lm_head.json" 2>&1 | grep -v Warning | tee "$OUT/lm_head.txt" | tail -12
         ;;
     attention)
         timeout 240 python3 bench/kernels.py --out "$OUT/attention.json" --attention-only 2>&1 | tee "$OUT/attention.txt" | tail -18
@@ -140,6 +144,6 @@ PY
             | tee "$OUT/load-gpu.txt" | tail -40
         ;;
     *)
-        echo "unknown step $step" >&2; sed -n 2,27p "$0" >&2; exit 2 ;;
+        echo "unknown step $step" >&2; sed -n 2,28p "$0" >&2; exit 2 ;;
     esac
 done
