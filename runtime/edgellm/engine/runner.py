@@ -289,7 +289,9 @@ class Engine:
         With graphs captured (CUDA, after warm_up) the result is the graph's static output
         buffer: read it before the next decode call. Inputs go through one of two pinned
         buffers in turn: a step's results must be read (or the stream synchronized) before
-        the step after the next one is started.
+        the step after the next one is started. A step that continues the last one (same
+        batch and slots, each position one further, the fresh tokens) copies no input: the
+        graph left them in place.
         """
         b = len(slots)
         on_device = isinstance(token_ids, torch.Tensor)

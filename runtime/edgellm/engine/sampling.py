@@ -107,7 +107,8 @@ def greedy_tokens(logits: torch.Tensor, out=None) -> torch.Tensor:
     if logits.is_cuda and kernels.available():
         return argmax_rows(logits, out=out)
     if isinstance(out, ArgmaxOut):
-        if out.host is not None:
-            raise ValueError("greedy tokens written to host memory need the GPU kernels (CUDA and Triton)")
+        if out.host is not None or out.positions is not None:
+            raise ValueError("greedy tokens written to host memory, or positions advanced with them, need the GPU "
+                             "kernels (CUDA and Triton)")
         out = out.tokens
     return logits.argmax(dim=-1) if out is None else torch.argmax(logits, dim=-1, out=out)

@@ -94,8 +94,8 @@ def argmax_rows(logits: torch.Tensor, out: torch.Tensor | ArgmaxOut | None = Non
 def pick_first_block(part_val: torch.Tensor, part_idx: torch.Tensor, out: ArgmaxOut) -> None:
     """out.tokens[r] = part_idx[r, j] for the first j holding row r's largest part_val: the second
     step of an argmax whose blocks (in order along the row) each gave their first maximum and its
-    index (and out.host written, where given: ArgmaxOut). part_val float32 and part_idx int64,
-    both contiguous [rows, blocks]."""
+    index (and, where given, out.host written and out.positions advanced: ArgmaxOut). part_val
+    float32 and part_idx int64, both contiguous [rows, blocks]."""
     rows, blocks = part_val.shape
     out.check(rows, part_val.device)
     per_program = min(MAX_HOST_ROWS, triton.next_power_of_2(rows))

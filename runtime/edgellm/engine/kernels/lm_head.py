@@ -14,7 +14,9 @@ rounds to fp16 (as the reference RMSNorm rounds its output), and adds W_tile x_t
 tensor cores. The norm's 1 / rms is a per-row factor of the result, so it is applied once, to
 the fp32 sums, at the end: the reference rounds x * (1 / rms) * weight to fp16, this kernel
 x * weight, a difference within one fp16 rounding of the operand. Started early (kernels/pdl.py)
-a program requests its first weight tile before it waits for the previous kernel.
+a program requests its first weight tile before it waits for the previous kernel. For greedy
+decoding each program also keeps the first maximum of its columns, from which one small kernel
+picks each row's argmax (argmax.pick_first_block): no kernel reads the logits again.
 """
 
 from __future__ import annotations
@@ -47,9 +49,9 @@ def supports(rows: int, k: int, weight: torch.Tensor, norm_weight: torch.Tensor)
 
 
 # (BLOCK_N, BLOCK_K, num_stages, num_warps), fastest first as measured on an H100 (bench/lm_head.py,
-# docs/benchmarks.md): 256 x 128 x 3 stages read the 8B and 1B heads at 100-103% of a torch.sum's
+# docs/benchmarks.md): 256 x 128 x 3 stages read the 8B and 1B heads at 99-102% of a torch.sum's
 # read bandwidth at 1-8 rows (within 0.3% of the best of twelve at each shape and row count), the
-# next two 96-100%. A GPU takes the first whose pipeline fits its shared memory per block (227 KB
+# next two 94-102%. A GPU takes the first whose pipeline fits its shared memory per block (227 KB
 # on SM 9.0, 163 KB on an Orin's SM 8.7, 99 KB on an L40S's SM 8.9); only the H100 was measured.
 CONFIGS = ((256, 128, 3, 8), (128, 128, 3, 4), (64, 128, 4, 4), (64, 64, 3, 4))
 SMEM_SLACK = 16 * 1024  # beyond the pipeline's tiles: the compiler's own layout conversions
