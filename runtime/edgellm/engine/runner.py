@@ -61,8 +61,8 @@ class PendingTokens:
 
     tokens: torch.Tensor  # int64 [B], on the engine's device; as an input, good for the next step only
     rows: list  # the caller's handles of the B rows (compared with ==: ids, or objects equal only to themselves)
-    _host: torch.Tensor  # where `tokens` are copied for the host (pinned on CUDA)
-    _copied: torch.cuda.Event | None
+    _host: torch.Tensor  # where `tokens` reach the host (pinned on CUDA: a copy, or the graph's own write)
+    _copied: torch.cuda.Event | None  # recorded after that copy or write
 
     def result(self) -> list[int]:
         """The tokens as ints: waits for the step (and only for it)."""

@@ -48,6 +48,14 @@ class ArgmaxOut:
     writes: torch.Tensor | None = None
     positions: torch.Tensor | None = None
 
+    @staticmethod
+    def of(out: torch.Tensor | ArgmaxOut, rows: int, device: torch.device) -> ArgmaxOut:
+        """`out` (an int64 [rows] tensor, or an ArgmaxOut) as a checked ArgmaxOut: what the argmax
+        kernels take, refused before any of them is launched."""
+        out = out if isinstance(out, ArgmaxOut) else ArgmaxOut(out)
+        out.check(rows, device)
+        return out
+
     def check(self, rows: int, device: torch.device) -> None:
         t = self.tokens
         if t.shape != (rows,) or t.dtype != torch.int64 or not t.is_contiguous() or t.device != device:
@@ -82,8 +90,7 @@ def argmax_rows(logits: torch.Tensor, out: torch.Tensor | ArgmaxOut | None = Non
     part_idx = torch.empty(rows, blocks, dtype=torch.int64, device=logits.device)
     if out is None:
         out = torch.empty(rows, dtype=torch.int64, device=logits.device)
-    out = out if isinstance(out, ArgmaxOut) else ArgmaxOut(out)
-    out.check(rows, logits.device)
+    out = ArgmaxOut.of(out, rows, logits.device)
     if rows:
         _block_argmax_kernel[(rows, blocks)](logits, part_val, part_idx, vocab, logits.stride(0), blocks,
                                              BLOCK=BLOCK, num_warps=8, **pdl.triton_options(logits.device))
@@ -95,9 +102,9 @@ def pick_first_block(part_val: torch.Tensor, part_idx: torch.Tensor, out: Argmax
     """out.tokens[r] = part_idx[r, j] for the first j holding row r's largest part_val: the second
     step of an argmax whose blocks (in order along the row) each gave their first maximum and its
     index (and, where given, out.host written and out.positions advanced: ArgmaxOut). part_val
-    float32 and part_idx int64, both contiguous [rows, blocks]."""
+    float32 and part_idx int64, both contiguous [rows, blocks]; `out` as ArgmaxOut.of gives it,
+    checked by the caller before its first kernel."""
     rows, blocks = part_val.shape
-    out.check(rows, part_val.device)
     per_program = min(MAX_HOST_ROWS, triton.next_power_of_2(rows))
     host, advance = out.host is not None, out.positions is not None
     _pick_kernel[(triton.cdiv(rows, per_program),)](

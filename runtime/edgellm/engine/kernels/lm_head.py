@@ -109,8 +109,7 @@ def lm_head(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.T
     elif out.shape != (m, v) or out.dtype != torch.float16 or out.stride(1) != 1:
         raise ValueError(f"out must be fp16 [{m}, {v}] contiguous in V")
     if argmax_out is not None:
-        argmax_out = argmax_out if isinstance(argmax_out, ArgmaxOut) else ArgmaxOut(argmax_out)
-        argmax_out.check(m, x.device)
+        argmax_out = ArgmaxOut.of(argmax_out, m, x.device)
     block_n, block_k, stages, warps = _config(k, x.device)
     programs = triton.cdiv(v, block_n)
     if argmax_out is None:
